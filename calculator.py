@@ -1,0 +1,335 @@
+"""Countdown calculator: an exact, complete solver, a puzzle generator, synthetic WarmStart data.
+
+    python calculator.py 95 36 32 --target 91                 # prints 95 + 32 - 36
+    python calculator.py --warmstart data/warmstart.jsonl --n 2000 --seed 0
+
+The "calculator tool" of report 000 (§3.4.2), done exactly: values are rationals (int pairs p/q in
+lowest terms), so `6 / (1 - 3 / 4)` = 24 is found, and the search is complete: `solve` returns None
+only when no expression over all the numbers reaches the target.
+
+Search (depth-first, target-directed): every expression's last operation splits the numbers into
+two groups, t = op(s, l). For each split, enumerate every value s of the smaller group (a table built
+bottom-up, one tree per value), and ask the larger group, recursively, for each l that some op needs
+(l = t − s, t + s, s − t, t / s, t · s, s / t). What keeps it small, with completeness intact:
+  * only non-negative intermediates are needed when the target is ≥ 0: flipping signs through a
+    tree turns x ± y into |x| + |y| or ||x| − |y||, and x·y, x/y into |x|·|y|, |x|/|y|;
+  * whether a group of numbers can make a value does not depend on how the question arose, so each
+    (group, value) query that failed is remembered; groups of ≤ 3 numbers are table look-ups.
+Answers use plain non-negative integer literals and the fewest parentheses, and each is checked
+with the scorer's own float evaluation before it is returned, so it always scores 1.0.
+Speed (bench/calculator_speed.py, 2 CPU cores): p99 under 3 ms on course-shaped puzzles.
+"""
+import argparse
+import ast
+import json
+import math
+import random
+import sys
+import time
+from fractions import Fraction
+from math import gcd
+
+from countdown_reward import evaluate_expression, warmstart_query
+
+MAX_NUMBERS = 8  # beyond this an exhaustive search is hopeless; the course uses 3–6
+_ATOM, _MUL, _ADD = 3, 2, 1  # operator precedence of an expression's top node
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _check_puzzle(numbers, target):
+    if isinstance(numbers, (str, bytes)) or not hasattr(numbers, "__len__"):
+        raise ValueError(f"numbers must be a list of integers, got {numbers!r}")
+    if not 2 <= len(numbers) <= MAX_NUMBERS:
+        raise ValueError(f"need 2 to {MAX_NUMBERS} numbers, got {len(numbers)}")
+    for x in list(numbers) + [target]:
+        if isinstance(x, bool) or not isinstance(x, int) and not hasattr(x, "__index__"):
+            raise ValueError(f"numbers and target must be integers, got {x!r}")
+    if any(int(n) < 0 for n in numbers):
+        raise ValueError(f"numbers must be non-negative, got {list(numbers)}")
+
+
+def _rational(p, q):
+    """p/q in lowest terms with q > 0: one canonical pair per value, so pairs compare and hash exactly."""
+    if q < 0:
+        p, q = -p, -q
+    g = gcd(p, q)
+    return p // g, q // g
+
+
+def _combine(a, b, signed, fractions):
+    """Every (p, q, tree) that one operation makes of two items; a value is the exact rational p/q.
+
+    Plain int pairs instead of `Fraction` objects: most divisions of six-digit numbers are inexact,
+    and Fraction's constructor made up a third of the search time.
+    """
+    (xp, xq, tx), (yp, yq, ty) = (a, b) if a[0] * b[1] >= b[0] * a[1] else (b, a)  # x ≥ y
+    if xq == 1 and yq == 1:  # two integers, the common case
+        out = [(xp + yp, 1, ("+", tx, ty)), (xp - yp, 1, ("-", tx, ty)), (xp * yp, 1, ("*", tx, ty))]
+        if signed and xp != yp:
+            out.append((yp - xp, 1, ("-", ty, tx)))
+        for n, tn, d, td in ((xp, tx, yp, ty), (yp, ty, xp, tx)) if xp != yp else ((xp, tx, yp, ty),):
+            if d != 0 and (fractions or n % d == 0):  # no division by zero; x / x once
+                out.append((*_rational(n, d), ("/", tn, td)))
+        return out
+    out = [(*_rational(xp * yq + yp * xq, xq * yq), ("+", tx, ty)),
+           (*_rational(xp * yq - yp * xq, xq * yq), ("-", tx, ty)),
+           (*_rational(xp * yp, xq * yq), ("*", tx, ty))]
+    if signed:
+        out.append((*_rational(yp * xq - xp * yq, xq * yq), ("-", ty, tx)))
+    if yp != 0:
+        out.append((*_rational(xp * yq, xq * yp), ("/", tx, ty)))
+    if xp != 0:
+        out.append((*_rational(yp * xq, yq * xp), ("/", ty, tx)))
+    return out
+
+
+def _format(tree, minimal=True):
+    """The expression string: fewest parentheses (a - (b + c), a / (b * c)), or all of them.
+
+    Dropping parentheses regroups a + (b - c) as (a + b) - c: equal in exact arithmetic, a few ulps
+    apart in the scorer's floats, so a caller checks the result and falls back to minimal=False.
+    """
+    if not isinstance(tree, tuple):
+        return str(tree), _ATOM
+    op, left, right = tree
+    (el, pl), (er, pr) = _format(left, minimal), _format(right, minimal)
+    mine = _ADD if op in "+-" else _MUL
+    right_needs = {"+": _ADD, "-": _MUL, "*": _MUL, "/": _ATOM}[op] if minimal else _ATOM
+    el = f"({el})" if pl < mine else el
+    er = f"({er})" if pr < right_needs else er
+    return f"{el} {op} {er}", mine
+
+
+def _checked(tree, target):
+    """The tree as a string whose float value (the scorer's arithmetic) is within 1e-5 of target."""
+    for minimal in (True, False):
+        expression = _format(tree, minimal)[0]
+        value = evaluate_expression(expression)
+        if value is not None and abs(value - target) < 1e-5:
+            return expression
+    return None
+
+
+def _needed(s, t, signed, fractions):
+    """Every l with op(s, l) = t or op(l, s) = t, and how to build that tree from s's and l's trees."""
+    (sp, sq), (tp, tq) = s, t
+    out = [(_rational(tp * sq - sp * tq, tq * sq), lambda ts, tl: ("+", tl, ts)),      # t = l + s
+           (_rational(tp * sq + sp * tq, tq * sq), lambda ts, tl: ("-", tl, ts)),      # t = l − s
+           (_rational(sp * tq - tp * sq, tq * sq), lambda ts, tl: ("-", ts, tl))]      # t = s − l
+    if sp != 0:
+        out += [(_rational(tp * sq, tq * sp), lambda ts, tl: ("*", ts, tl)),           # t = s · l
+                (_rational(tp * sp, tq * sq), lambda ts, tl: ("/", tl, ts))]           # t = l / s
+        if tp != 0:
+            out.append((_rational(sp * tq, sq * tp), lambda ts, tl: ("/", ts, tl)))    # t = s / l
+    return [(l, make) for l, make in out if (signed or l[0] >= 0) and (fractions or l[1] == 1)]
+
+
+def _popcount(mask):
+    return bin(mask).count("1")
+
+
+def _solve_exact(numbers, target, clock, signed, fractions):
+    """Trees over all the numbers whose exact value is target, generated lazily (cheapest first).
+
+    reach(mask): every value the numbers in `mask` make, with one tree each, built bottom-up.
+    find(mask, t): trees of `mask` worth exactly t. It splits mask into two groups, enumerates the
+    smaller group's values s, and asks the larger group for each l that op(s, l) = t needs; a query
+    that found nothing is remembered. Small groups are looked up in their reach table.
+    """
+    reach_memo, failed = {}, set()
+
+    def reach(mask):
+        if mask not in reach_memo:
+            if mask & (mask - 1) == 0:
+                n = numbers[mask.bit_length() - 1]
+                reach_memo[mask] = {(n, 1): n}
+            else:
+                table = {}
+                for a, b in _splits(mask):
+                    for (xp, xq), tx in reach(a).items():
+                        for (yp, yq), ty in reach(b).items():
+                            for p, q, tree in _combine((xp, xq, tx), (yp, yq, ty), signed, fractions):
+                                table.setdefault((p, q), tree)
+                reach_memo[mask] = table
+        return reach_memo[mask]
+
+    def find(mask, t):
+        if _popcount(mask) <= 3:
+            if t in reach(mask):
+                yield reach(mask)[t]
+            return
+        if (mask, t) in failed:
+            return
+        clock()
+        found = False
+        for a, b in sorted(_splits(mask), key=lambda ab: -min(map(_popcount, ab))):  # balanced first
+            small, large = (a, b) if _popcount(a) <= _popcount(b) else (b, a)
+            for s, ts in reach(small).items():
+                if s == (0, 1) and t == (0, 1):  # 0 · anything = 0
+                    found = True
+                    yield ("*", ts, _sum_tree([numbers[i] for i in range(len(numbers)) if large >> i & 1]))
+                for l, make in _needed(s, t, signed, fractions):
+                    for tl in find(large, l):
+                        found = True
+                        yield make(ts, tl)
+        if not found:
+            failed.add((mask, t))
+
+    return find((1 << len(numbers)) - 1, (target, 1))
+
+
+def _sum_tree(leaves):
+    tree = leaves[0]
+    for leaf in leaves[1:]:
+        tree = ("+", tree, leaf)
+    return tree
+
+
+def _splits(mask):
+    """Each way to cut mask into two non-empty groups, once (the first group holds mask's lowest bit)."""
+    low, sub = mask & -mask, (mask - 1) & mask
+    while sub:
+        if sub & low:
+            yield sub, mask ^ sub
+        sub = (sub - 1) & mask
+
+
+def solve(numbers, target, timeout=None, fractions=True):
+    """An expression that uses every number once with + − × ÷ and equals target, or None.
+
+    None means no such expression exists, or (with `timeout`, seconds) none was found in time.
+    fractions=False forbids non-integer intermediate values (to find puzzles that need them).
+    """
+    _check_puzzle(numbers, target)
+    numbers, target = [int(n) for n in numbers], int(target)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    calls = 0
+
+    def clock():
+        nonlocal calls
+        calls += 1
+        if deadline is not None and calls % 64 == 0 and time.monotonic() > deadline:
+            raise _OutOfTime
+
+    try:
+        for tree in _solve_exact(numbers, target, clock, signed=target < 0, fractions=fractions):
+            expression = _checked(tree, target)
+            if expression is not None:
+                return expression
+    except _OutOfTime:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------- puzzles
+
+def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_uniform=False, fractional=False):
+    """n solvable puzzles {"target", "nums"}, like Jiayi-Pan/Countdown-Tasks-3to4 by default.
+
+    Each puzzle is `count` numbers uniform in [low, high] combined by a random expression tree of
+    + − × ÷, kept when the tree's value is an integer in [target[0], target[1]]: every puzzle is
+    solvable with all its numbers. log_uniform=True draws numbers log-uniformly in [low, high]
+    (as many 2-digit as 6-digit numbers, like the course's held-out set). fractional=True keeps only trees with a non-integer intermediate
+    value (most of those puzzles also have an integer-only solution; `solve(..., fractions=False)`
+    tells which do not). Deterministic in `seed`; the global `random` state is left alone.
+    """
+    rng = random.Random(seed)
+    puzzles = []
+    while len(puzzles) < n:
+        draw = (lambda: int(math.exp(rng.uniform(math.log(low), math.log(high + 1))))) if log_uniform \
+            else (lambda: rng.randint(low, high))
+        nums = [min(high, draw()) for _ in range(rng.randint(*count))]
+        values, saw_fraction = [Fraction(v) for v in nums], False
+        while len(values) > 1:
+            a, b = (values.pop(rng.randrange(len(values))) for _ in range(2))
+            op = rng.choice("+-*/") if b != 0 else rng.choice("+-*")
+            values.append(a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b)
+            saw_fraction |= values[-1].denominator != 1
+        value = values[0]
+        if value.denominator == 1 and target[0] <= value <= target[1] and saw_fraction >= fractional:
+            puzzles.append({"target": int(value), "nums": nums})
+    return puzzles
+
+
+def _fmt(q, operand=False):
+    return str(q) if q.denominator == 1 else f"({q})" if operand else str(q)
+
+
+def solution_steps(expression):
+    """The steps of an expression, innermost first: "36 - 32 = 4", "95 - 4 = 91" (exact values;
+    a fraction reads 3/4, and (3/4) where it is an operand)."""
+    steps = []
+
+    def walk(node):
+        if isinstance(node, ast.Constant):
+            return Fraction(node.value)
+        a, b = walk(node.left), walk(node.right)
+        op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        steps.append(f"{_fmt(a, operand=True)} {op} {_fmt(b, operand=True)} = {_fmt(value)}")
+        return value
+
+    walk(ast.parse(expression, mode="eval").body)
+    return steps
+
+
+def warmstart_completion(expression):
+    """A WarmStart-style completion: a short <think> trace of the steps, then the <answer> line."""
+    think = "\n".join(solution_steps(expression))
+    return f"\n<think>\n{think}\n</think>\n<answer>{expression}</answer>"
+
+
+def synthetic_warmstart(n, seed, **puzzle_kwargs):
+    """n rows {"query", "completion"} in the WarmStart format (the offline cog_behav_all_strategies)."""
+    rows = []
+    for p in make_puzzles(n, seed, **puzzle_kwargs):
+        completion = warmstart_completion(solve(p["nums"], p["target"]))
+        rows.append({"query": warmstart_query(p["nums"], p["target"]), "completion": completion,
+                     "nums": p["nums"], "target": p["target"]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Solve a Countdown puzzle, or write synthetic WarmStart data.")
+    parser.add_argument("numbers", nargs="*", help="the numbers, e.g. 95 36 32")
+    parser.add_argument("--target", help="the target, e.g. 91")
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument("--warmstart", metavar="FILE", help="write synthetic WarmStart JSONL rows here")
+    parser.add_argument("--n", type=int, default=1000, help="rows for --warmstart")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
+    args = parser.parse_args(argv)
+
+    def fail(message):
+        print(f"calculator.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.warmstart:
+        if args.n < 1:
+            fail(f"--n must be positive, got {args.n}")
+        rows = synthetic_warmstart(args.n, args.seed)
+        with open(args.warmstart, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} rows to {args.warmstart}")
+        return
+    try:
+        numbers = [int(x) for x in args.numbers]
+        target = int(args.target) if args.target is not None else fail("--target is required")
+    except ValueError as e:
+        fail(f"numbers and --target must be integers ({e})")
+    try:
+        answer = solve(numbers, target, timeout=args.timeout)
+    except ValueError as e:
+        fail(str(e))
+    if answer is None:
+        print("no solution" if args.timeout is None else "no solution found in time")
+        sys.exit(1)
+    print(answer)
+
+
+if __name__ == "__main__":
+    main()

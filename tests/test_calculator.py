@@ -1,0 +1,148 @@
+"""The Countdown calculator: answers always score 1.0, completeness against brute force, the CLI."""
+import json
+import random
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from calculator import make_puzzles, solution_steps, solve, synthetic_warmstart
+from countdown_reward import score_response, warmstart_query
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scores(answer, numbers, target):
+    return score_response(f"<answer>{answer}</answer>", {"target": target, "numbers": numbers})
+
+
+@lru_cache(maxsize=None)
+def brute_force_values(numbers):
+    """Every value of every expression over all of `numbers` (a sorted tuple): no pruning, signs kept."""
+    if len(numbers) == 1:
+        return {Fraction(numbers[0])}
+    values = set()
+    n = len(numbers)
+    for mask in range(1, 2 ** n - 1):
+        left = tuple(sorted(numbers[i] for i in range(n) if mask >> i & 1))
+        right = tuple(sorted(numbers[i] for i in range(n) if not mask >> i & 1))
+        for a in brute_force_values(left):
+            for b in brute_force_values(right):
+                values |= {a + b, a - b, a * b}
+                if b != 0:
+                    values.add(a / b)
+    return values
+
+
+def test_known_answers():
+    assert scores(solve([95, 36, 32], 91), [95, 36, 32], 91) == 1.0
+    assert solve([6, 1, 3, 4], 24) is not None and scores(solve([6, 1, 3, 4], 24), [6, 1, 3, 4], 24) == 1.0
+
+
+def test_fraction_only_puzzles_are_solved_through_fractions():
+    assert solve([1, 3, 4, 6], 24, fractions=False) is None  # 6 / (1 - 3/4) is the only way
+    answer = solve([1, 3, 4, 6], 24)
+    assert scores(answer, [1, 3, 4, 6], 24) == 1.0
+    for numbers, target in [([34, 1913, 22, 44], 5322), ([880, 20, 480, 37542], 682013)]:
+        assert solve(numbers, target, fractions=False) is None
+        assert scores(solve(numbers, target), numbers, target) == 1.0
+
+
+@pytest.mark.parametrize("numbers, target", [([1, 1], 7), ([1, 1, 1], 10), ([2, 3, 5], 100), ([13, 17, 19, 23, 29, 31], 99999989)])
+def test_unsolvable_returns_none(numbers, target):
+    assert solve(numbers, target) is None
+
+
+def test_complete_against_brute_force():
+    rng = random.Random(0)
+    solvable = 0
+    for _ in range(60):
+        numbers = tuple(sorted(rng.randint(0, 9) for _ in range(rng.randint(2, 4))))
+        reachable = brute_force_values(numbers)
+        for target in range(-15, 80):
+            answer = solve(list(numbers), target)
+            assert (answer is not None) == (Fraction(target) in reachable), (numbers, target, answer)
+            if answer is not None:
+                assert scores(answer, list(numbers), target) == 1.0
+                solvable += 1
+    assert solvable > 1000
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(count=(3, 6), low=1, high=999_999, target=(1, 999_999), log_uniform=True)],
+                         ids=["3to4", "course"])
+def test_generated_puzzles_are_solved_and_answers_score_one(kwargs):
+    for p in make_puzzles(150, seed=3, **kwargs):
+        assert scores(solve(p["nums"], p["target"]), p["nums"], p["target"]) == 1.0
+
+
+def test_timeout_is_honoured():
+    start = time.perf_counter()
+    assert solve([2, 3, 5, 7, 11, 13, 17, 19], 9999991, timeout=0.2) is None  # exhaustive would take minutes
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("numbers, target", [([1.5, 2], 3), ([5], 5), ([], 1), (list(range(9)), 3), ([3, -4], 1),
+                                             ("12", 3), ([True, 2], 3), ([1, 2], 2.5)])
+def test_bad_puzzles_raise_value_error(numbers, target):
+    with pytest.raises(ValueError):
+        solve(numbers, target)
+
+
+def test_make_puzzles_is_seeded_in_range_and_leaves_global_random_alone():
+    random.seed(7)
+    state = random.getstate()
+    a = make_puzzles(300, seed=11)
+    assert random.getstate() == state
+    assert a == make_puzzles(300, seed=11) and a != make_puzzles(300, seed=12)
+    for p in a:
+        assert 3 <= len(p["nums"]) <= 4 and all(1 <= n <= 99 for n in p["nums"]) and 10 <= p["target"] <= 100
+    assert {len(p["nums"]) for p in a} == {3, 4}
+    b = make_puzzles(50, seed=1, count=(5, 5), low=100, high=999, target=(1000, 2000))
+    assert all(len(p["nums"]) == 5 and all(100 <= n <= 999 for n in p["nums"]) and 1000 <= p["target"] <= 2000 for p in b)
+
+
+def test_solution_steps_are_exact_arithmetic():
+    assert solution_steps("95 - (36 - 32)") == ["36 - 32 = 4", "95 - 4 = 91"]
+    assert solution_steps("6 / (1 - 3 / 4)") == ["3 / 4 = 3/4", "1 - (3/4) = 1/4", "6 / (1/4) = 24"]
+
+
+def test_synthetic_warmstart_rows():
+    rows = synthetic_warmstart(40, seed=5)
+    assert len(rows) == 40
+    for row in rows:
+        gt = {"target": row["target"], "nums": row["nums"]}
+        assert row["query"] == warmstart_query(row["nums"], row["target"])
+        assert row["completion"].startswith("\n<think>\n") and "</think>\n<answer>" in row["completion"]
+        assert score_response(row["completion"], gt) == 1.0
+        assert score_response(row["query"] + row["completion"], gt) == 1.0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "calculator.py"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_solves():
+    out = run_cli("95", "36", "32", "--target", "91")
+    assert out.returncode == 0
+    assert scores(out.stdout.strip(), [95, 36, 32], 91) == 1.0
+
+
+@pytest.mark.parametrize("args", [["3.5", "2", "--target", "1"], ["5", "--target", "5"], ["--target", "5"],
+                                  [*map(str, range(1, 20)), "--target", "5"], ["1", "2", "--target", "x"],
+                                  ["1", "2"], ["--warmstart", "x.jsonl", "--n", "0"]])
+def test_cli_bad_input_is_one_line_and_exit_2(args):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_writes_warmstart_jsonl(tmp_path):
+    path = tmp_path / "ws.jsonl"
+    out = run_cli("--warmstart", str(path), "--n", "5", "--seed", "2")
+    assert out.returncode == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 5 and all(set(r) >= {"query", "completion"} for r in rows)
