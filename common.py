@@ -1,0 +1,404 @@
+"""Shared helpers for the trainers: CLI, loading, tokenisation and masks, log-probs, sampling, saving.
+
+Every correctness-critical piece lives here once: the completion mask (built from lengths, never
+from token ids: Qwen's pad token is its EOS), the shift by one between logits and labels, the
+temperature applied to log-probs of sampled text, and the end-of-turn token inside the loss.
+No losses, no training loops: those are in the trainer files.
+"""
+import argparse
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+QWEN = "Qwen/Qwen2.5-0.5B"
+SYSTEM_PROMPT = "You are a helpful assistant."  # the one system turn of every chat prompt, train and eval
+END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def run(main, args_class):
+    """The command-line entry point of a script: parse the flags, run, and turn an InputError into one line."""
+    args = parse_args(args_class)
+    try:
+        main(args)
+    except InputError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(args_class, argv=None):
+    """A dataclass of knobs from the command line: `--k 8`, `--k=8`, `--kl-coef`/`--kl_coef`, `--flag`/`--no-flag`.
+
+    Help text is each field's trailing comment. An unknown flag or a bad value exits 2 (argparse).
+    """
+    comments = _field_comments(args_class)
+    parser = argparse.ArgumentParser(description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(args_class):
+        names = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
+        kind = _TYPES.get(field.type, field.type)  # annotations may be strings (`from __future__ import annotations`)
+        if kind is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=comments.get(field.name, ""))
+        else:
+            parser.add_argument(*names, type=kind, default=field.default, help=comments.get(field.name, ""))
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _field_comments(args_class):
+    try:
+        source = inspect.getsource(args_class)
+    except (OSError, TypeError):  # defined in a notebook cell
+        return {}
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and (m := re.match(r"\s*(\w+)\s*:", tok.line)):
+            comments[m.group(1)] = tok.string.lstrip("# ").strip()
+    return comments
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+def device_and_dtype():
+    """cuda + bfloat16 when a GPU is present, else cpu + float32."""
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def resolve_checkpoint(path):
+    """A model directory, or a run directory (out_dir of a trainer): then its newest complete checkpoint."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not steps:
+        raise FileNotFoundError(f"{path}: no config.json and no step-* checkpoint inside")
+    return steps[-1]
+
+
+def load_tokenizer(name=QWEN):
+    """The tokenizer of a hub id or local directory; `tiny` builds one in-process (no download)."""
+    if name == "tiny":
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+    source = resolve_checkpoint(name) if Path(name).exists() else name
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0):
+    """A causal LM in eval mode (dropout off). dtype/device default to bf16 on CUDA, fp32 on CPU.
+
+    Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
+    bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
+    `tiny` is a randomly initialised Qwen2-architecture model (~0.9 M parameters) for `tiny_tokenizer`.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    default_device, default_dtype = device_and_dtype()
+    device, dtype = device or default_device, dtype or default_dtype
+    if name == "tiny":
+        tokenizer = tokenizer or tiny_tokenizer()
+        config = Qwen2Config(vocab_size=64 * (len(tokenizer) // 64 + 1),  # > len(tokenizer), as in Qwen
+                             hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(config)
+        model = model.to(dtype)
+    else:
+        source = resolve_checkpoint(name) if Path(name).exists() else name
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def tiny_tokenizer(vocab_size=1024):
+    """A byte-level BPE tokenizer trained in-process, with Qwen's special tokens and chat template.
+
+    Trained on the Countdown prompt and WarmStart-style completions, so the fixed preamble takes
+    few tokens and a tiny model trains fast on the real prompt format; digits stay single tokens
+    (as in Qwen); any text still encodes (bytes). Deterministic: the same tokenizer every call.
+    """
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe(vocab_size), eos_token=END_OF_TEXT,
+                                        pad_token=END_OF_TEXT, additional_special_tokens=[IM_START, IM_END])
+    tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_bpe(vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from calculator import synthetic_warmstart
+    rows = synthetic_warmstart(64, seed=0)
+    chat = ["You are a helpful assistant.", "user", "assistant", "system", "Write a short answer.",
+            "The quick brown fox jumps over the lazy dog.", "Thank you! Here is what I found:"]
+    corpus = [r["query"] + r["completion"] for r in rows] * 4 + chat * 8
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT, IM_START, IM_END], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
+
+
+# Qwen2.5's template without tools: a default system turn is inserted when none is given.
+QWEN_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def stop_token_ids(tokenizer):
+    """Token ids that end a completion: <|im_end|> and <|endoftext|> (Qwen's EOS and pad)."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+# ------------------------------------------------------------------------------------- tokenisation
+
+def chat_prompt(tokenizer, user_text):
+    """The chat-template prompt for one user turn, with our fixed system turn, ending '<|im_start|>assistant\\n'."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_completion(tokenizer, chat):
+    """The token a completion ends with: <|im_end|> in chat format, EOS in raw-text format."""
+    return tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id
+
+
+def encode(tokenizer, prompt, completion=None, chat=False):
+    """Token ids of prompt + completion + end token, and the prompt's length (where the loss starts).
+
+    Prompt and completion are tokenised separately, so the boundary between them is a token boundary,
+    exactly as when the model continues a prompt at sampling time. `chat=True`: `prompt` is the user
+    turn and goes through the chat template. The end-of-turn token belongs to the completion: the
+    model must learn to stop. With completion None only the prompt is encoded (for sampling).
+    """
+    text = chat_prompt(tokenizer, prompt) if chat else prompt
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if completion is None:
+        return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_of_completion(tokenizer, chat)]
+    return {"input_ids": prompt_ids + completion_ids, "prompt_len": len(prompt_ids)}
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of `encode` outputs. Masks come from lengths, never from token ids.
+
+    attention_mask: 1 on the real tokens; completion_mask: 1 on the completion tokens (end token included).
+    """
+    lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+    prompt_lens = torch.tensor([e["prompt_len"] for e in examples])
+    positions = torch.arange(int(lengths.max()))[None, :]
+    input_ids = torch.full((len(examples), positions.shape[1]), pad_id, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+    attention_mask = positions < lengths[:, None]
+    completion_mask = attention_mask & (positions >= prompt_lens[:, None])
+    return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "completion_mask": completion_mask}
+
+
+def length_grouped_batches(lengths, batch_size, seed, group=64):
+    """Index batches of similar length (little padding) in a seeded random order.
+
+    Shuffle, cut into groups of `group` batches, sort each group by length, batch it, shuffle the batches.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * group):
+        chunk = sorted(order[start:start + batch_size * group], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class InputError(ValueError):
+    """Bad user input (a file, a row, a flag): scripts print it as one line and exit 2."""
+
+
+def read_jsonl(path, required=()):
+    """Rows of a JSONL file; a bad line or a missing column is an InputError naming file, row and column."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}, row {number}: not valid JSON ({e.msg})") from None
+            missing = [c for c in required if c not in row]
+            if missing:
+                raise InputError(f"{path}, row {number}: missing column {missing[0]!r} (has {sorted(row)})")
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+
+def sequence_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0, chunk=128):
+    """Σ_t log π(y_t | x, y_<t) over each sequence's completion tokens: a (batch,) tensor.
+
+    Logits are divided by `temperature` (the sampling temperature, for sampled text). The shift by
+    one lives here: the hidden state at position t predicts token t+1. Only completion positions go
+    through the output layer, `chunk` rows at a time, as logit[token] − logsumexp(logits): the
+    full-vocabulary log_softmax never exists, and under autograd each chunk is recomputed in the
+    backward pass rather than stored, so memory holds hidden states, not (tokens × vocabulary) logits.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    predicts = completion_mask[:, 1:].bool()                   # position t scores token t+1
+    rows = hidden[:, :-1][predicts]                            # (n completion tokens, hidden)
+    targets = input_ids[:, 1:][predicts]
+    head = model.get_output_embeddings()
+    pieces = []
+    for i in range(0, rows.shape[0], chunk):
+        args = (rows[i:i + chunk], head.weight, head.bias, targets[i:i + chunk], temperature)
+        pieces.append(checkpoint(_token_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _token_logprobs(*args))
+    token_logps = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+    batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+    return torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, batch_index, token_logps)
+
+
+def _token_logprobs(rows, weight, bias, targets, temperature):
+    logits = F.linear(rows, weight, bias).float().div_(temperature)  # in place: one (chunk × vocab) buffer less
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64):
+    """Sample (temperature > 0) or decode greedily (temperature 0) a completion for each prompt.
+
+    Returns a list of completion token lists, each cut after its first stop token (which is kept: it
+    is part of what was sampled), and a list of booleans, True where a stop token was produced.
+    Ids the tokenizer does not know (Qwen's embedding has ~270 spare rows) are never sampled.
+    """
+    stops = stop_token_ids(tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    unknown = list(range(len(tokenizer), vocab))
+    device = next(model.parameters()).device
+    from transformers import GenerationConfig
+    sample = temperature > 0  # every setting explicit: none inherited from a model's generation_config.json
+    # (Qwen2.5-Instruct's asks for top_k 20, top_p 0.8, repetition_penalty 1.05); top_k 0 = off
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
+                              top_p=top_p if sample else 1.0, top_k=0 if sample else 50, repetition_penalty=1.0, eos_token_id=stops,
+                              pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None)
+    completions, stopped = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            completions.append(row if end is None else row[:end + 1])
+            stopped.append(end is not None)
+    return completions, stopped
+
+
+# ------------------------------------------------------------------------------ seeding, saving, logs
+
+def warmup_cosine(step, total, warmup_steps, floor=0.1):
+    """Learning-rate multiplier: linear warmup from 0, then cosine from 1 down to `floor`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2):
+    """Write out_dir/step-N atomically: a temporary directory, then one rename. Keep the newest `keep`.
+
+    A kill -9 during the save leaves a `.tmp-*` directory that loading ignores, never a half checkpoint
+    (an old checkpoint, too, is renamed out of sight before it is deleted).
+    trainer_state holds what resuming needs (optimizer, scheduler, RNG states, step).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = out_dir / f"step-{step}", out_dir / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        os.replace(old, out_dir / f".tmp-old-{old.name}")  # out of sight first, then deleted
+    for stale in out_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint_dir):
+    return torch.load(Path(checkpoint_dir) / "trainer_state.pt", weights_only=False)
+
+
+def log_metrics(out_dir, step, total, metrics):
+    """One line on stdout (`step  40/500 | loss 0.412 | ... | 3.1 s`); the same record into metrics.jsonl."""
+    parts = [f"step {step:>{len(str(total))}}/{total}"]
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "time"]
+    if "time" in metrics:
+        parts.append(f"{metrics['time']:.1f} s")
+    print(" | ".join(parts), flush=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics, "wall": time.time()}) + "\n")

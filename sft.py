@@ -1,0 +1,248 @@
+"""Supervised fine-tuning (spec §1.4.1, Eq. 6) on WarmStart, SmolTalk, synthetic Countdown or a local file.
+
+    python sft.py                                             # Qwen2.5-0.5B on WarmStart (GPU)
+    python sft.py --data smoltalk --out-dir out/sft-smoltalk
+    python sft.py --model tiny --data synthetic --steps 300   # CPU, no downloads
+
+    from sft import main, Args; main(Args(model="tiny", data="synthetic", steps=50))   # in a notebook
+
+Eq. 6 maximises Σ_t log π(y_t | x, y_<t) over the completion tokens. The loss is its negation summed
+over every completion token of an optimizer step (the end-of-turn token included, so the model
+learns to stop) and divided by the number of those tokens: per-token normalisation over the whole
+step, so 4 micro-batches of B/4 give the gradient of one batch of B.
+
+Deviations from the spec: none in the objective. Practical choices: AdamW with linear warmup and a
+cosine decay to lr/10, gradient clipping, rows whose prompt + completion exceed --max-len are
+skipped (and counted) rather than truncated, which would cut off the end-of-turn token.
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common import (InputError, collate, device_and_dtype, encode, generate, length_grouped_batches, load_model,
+                    load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint, rng_state, run,
+                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+
+
+@dataclass
+class Args:
+    model: str = "Qwen/Qwen2.5-0.5B"  # hub id, model directory, run directory, or `tiny` (CPU, no download)
+    data: str = "warmstart"           # warmstart | smoltalk | synthetic | a .jsonl with {query, completion} or {messages}
+    eval_data: str = ""               # held-out .jsonl; default: the dataset's test split, or a file's last eval_rows rows
+    out_dir: str = "out/sft"          # checkpoints (step-N/) and metrics.jsonl
+    max_len: int = 1024               # token budget of prompt + completion; longer rows are skipped and counted
+    batch_size: int = 8               # sequences per micro-batch
+    grad_accum: int = 8               # micro-batches per optimizer step (report 000: 8 × 8)
+    epochs: float = 3.0               # passes over the training rows; sets the step count when --steps is 0
+    steps: int = 0                    # optimizer steps (0: from --epochs)
+    lr: float = 2e-5                  # AdamW peak learning rate (report 000)
+    warmup: float = 0.05              # share of steps with linear warmup; then cosine decay to lr/10
+    weight_decay: float = 0.0         # AdamW weight decay
+    grad_clip: float = 1.0            # max global gradient norm
+    log_every: int = 10               # steps between log lines
+    eval_every: int = 100             # steps between held-out losses (and a greedy sample)
+    eval_rows: int = 200              # held-out rows
+    save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
+    synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
+    seed: int = 0                     # seeds data order, model init (tiny) and sampling
+    resume: bool = False              # continue from out_dir's newest checkpoint
+
+
+def sft_loss(completion_logps, n_tokens):
+    """Eq. 6, negated: −Σ log π(y_t | x, y_<t) over this micro-batch's completion tokens, / n_tokens.
+
+    completion_logps: (batch,) per-sequence sums of completion-token log-probs. n_tokens: completion
+    tokens in the whole optimizer step (all micro-batches), so summing the micro-batch losses gives
+    the per-token mean over the step.
+    """
+    return -completion_logps.sum() / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def first_turn(messages):
+    """(user text, assistant text) of a conversation's first exchange, or None."""
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
+        return None
+    return turns[0]["content"], turns[1]["content"]
+
+
+def rows_from_records(records, source):
+    """Records of either schema → rows {prompt, completion, chat}. Raw text keeps the WarmStart format."""
+    rows = []
+    for number, record in enumerate(records, 1):
+        if "messages" in record:
+            turn = first_turn(record["messages"])
+            if turn is not None:
+                rows.append({"prompt": turn[0], "completion": turn[1], "chat": True})
+        elif "query" in record and "completion" in record:
+            rows.append({"prompt": record["query"], "completion": record["completion"], "chat": False})
+        else:
+            missing = "completion" if "query" in record else "query"
+            raise InputError(f"{source}, row {number}: missing column {missing!r} (need query + completion, or messages)")
+    return rows
+
+
+def load_data(args):
+    """(train rows, held-out rows) for --data, each a list of {prompt, completion, chat}."""
+    if args.data == "synthetic":
+        from calculator import synthetic_warmstart
+        train = synthetic_warmstart(args.synthetic_rows, seed=args.seed)
+        seen = {(r["target"], tuple(r["nums"])) for r in train}
+        held = [r for r in synthetic_warmstart(args.eval_rows * 2, seed=args.seed + 10_000)
+                if (r["target"], tuple(r["nums"])) not in seen][:args.eval_rows]
+        train, held = rows_from_records(train, "synthetic"), rows_from_records(held, "synthetic")
+    elif args.data.endswith(".jsonl"):
+        train = rows_from_records(read_jsonl(args.data), args.data)
+        train, held = (train, None) if args.eval_data else (train[:-args.eval_rows], train[-args.eval_rows:])
+    elif args.data in ("warmstart", "smoltalk"):
+        from datasets import load_dataset
+        name = {"warmstart": "Asap7772/cog_behav_all_strategies", "smoltalk": "HuggingFaceTB/smol-smoltalk"}[args.data]
+        train = rows_from_records(load_dataset(name, split="train"), name)
+        held = rows_from_records(load_dataset(name, split="test"), name)[:args.eval_rows]
+        if args.data == "smoltalk":  # report 000's filter: query < 128 words, completion < 512 words
+            short = lambda r: len(r["prompt"].split()) < 128 and len(r["completion"].split()) < 512
+            train, held = [r for r in train if short(r)], [r for r in held if short(r)]
+    else:
+        raise InputError(f"--data {args.data!r}: use warmstart, smoltalk, synthetic or a .jsonl file")
+    if args.eval_data:
+        held = rows_from_records(read_jsonl(args.eval_data), args.eval_data)[:args.eval_rows]
+    return train, held
+
+
+def encode_rows(tokenizer, rows, max_len):
+    """Encoded examples, and counts of the rows skipped (empty completion, over the token budget)."""
+    examples, skipped = [], {"empty": 0, "too_long": 0}
+    for row in rows:
+        if not row["completion"].strip():
+            skipped["empty"] += 1
+            continue
+        example = encode(tokenizer, row["prompt"], row["completion"], chat=row["chat"])
+        if len(example["input_ids"]) > max_len:
+            skipped["too_long"] += 1
+            continue
+        examples.append(example)
+    return examples, skipped
+
+
+def micro_batches(examples, batch_size, seed):
+    """An endless, seeded stream of length-grouped micro-batches, epoch after epoch."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    for epoch in range(10 ** 9):
+        for batch in length_grouped_batches(lengths, batch_size, seed=seed * 1_000_003 + epoch):
+            yield [examples[i] for i in batch]
+
+
+@torch.no_grad()
+def held_out_loss(model, examples, pad_id, batch_size, autocast):
+    """Per-token mean of −log π over the held-out completions."""
+    total, tokens = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="held-out", leave=False, disable=len(examples) < 500):
+        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        with autocast:
+            total -= sequence_logprobs(model, **batch).sum().item()
+        tokens += batch["completion_mask"][:, 1:].sum().item()
+    return total / max(tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(args):
+    # 1. setup
+    seed_everything(args.seed)
+    device, amp_dtype = device_and_dtype()
+    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    out_dir = Path(args.out_dir)
+
+    # 2. data
+    tokenizer = load_tokenizer(args.model)
+    train_rows, held_rows = load_data(args)
+    train, skipped = encode_rows(tokenizer, train_rows, args.max_len)
+    held, _ = encode_rows(tokenizer, held_rows, args.max_len)
+    if not train:
+        raise InputError(f"no training rows left in --data {args.data} (skipped: {skipped})")
+    per_step = args.batch_size * args.grad_accum
+    total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
+    warmup_steps = max(1, int(args.warmup * total))
+    print(f"{len(train)} training rows (skipped {skipped['empty']} empty, {skipped['too_long']} over {args.max_len} "
+          f"tokens), {len(held)} held out | {args.batch_size} × {args.grad_accum} = {per_step} sequences per step | "
+          f"{total} steps ≈ {total * per_step / len(train):.2f} epochs | {device}")
+
+    # 3. model, optimizer, schedule (resuming restores all three, the RNG and the data position)
+    start_step, source = 0, args.model
+    if args.resume:
+        source = resolve_checkpoint(out_dir)
+        state = load_trainer_state(source)
+        start_step = state["step"]
+    model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup_steps))
+    if args.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        print(f"resumed from {source} at step {start_step}")
+    stream = micro_batches(train, args.batch_size, args.seed)
+    for _ in range(start_step * args.grad_accum):
+        next(stream)
+
+    def save(step):
+        return save_checkpoint(out_dir, step, model, tokenizer, args, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
+    def evaluate(step):
+        model.eval()
+        eval_loss = held_out_loss(model, held, tokenizer.pad_token_id, args.batch_size, autocast)
+        prompt = held[0]["input_ids"][:held[0]["prompt_len"]]
+        with autocast:
+            sample = generate(model, tokenizer, [prompt], max_new_tokens=min(256, args.max_len), temperature=0)[0][0]
+        model.train()
+        log_metrics(out_dir, step, total, {"eval_loss": eval_loss})
+        print(f"  greedy sample: {tokenizer.decode(sample)!r}")
+
+    # 4. loop: a step is grad_accum micro-batches, the loss normalised by the step's completion tokens
+    if held and start_step == 0:
+        evaluate(0)
+    tick = time.time()
+    for step in range(start_step + 1, total + 1):
+        batches = [collate(next(stream), tokenizer.pad_token_id) for _ in range(args.grad_accum)]
+        n_tokens = sum(b["completion_mask"][:, 1:].sum().item() for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                loss = sft_loss(sequence_logprobs(model, **batch), n_tokens)
+            loss.backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
+                     f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % args.log_every == 0 or step == total:
+            log_metrics(out_dir, step, total, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                               "grad_norm": grad_norm, "tokens": n_tokens, "time": time.time() - tick})
+            tick = time.time()
+        if held and (step % args.eval_every == 0 or step == total):
+            evaluate(step)
+        if step % args.save_every == 0 and step != total:
+            save(step)
+
+    # 5. final save
+    path = save(total)
+    print(f"saved {path}")
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    run(main, Args)

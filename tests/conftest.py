@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+import common
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return common.load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu")
