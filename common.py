@@ -98,22 +98,30 @@ def load_tokenizer(name=QWEN):
     """The tokenizer of a hub id or local directory; `tiny` builds one in-process (no download)."""
     if name == "tiny":
         return tiny_tokenizer()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     source = resolve_checkpoint(name) if Path(name).exists() else name
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    config = Path(source) / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    # A saved generic tokenizer (the tiny one) loads as itself: AutoTokenizer would pick the class of the
+    # model type (Qwen2Tokenizer) and replace its pre-tokenizer.
+    loader = PreTrainedTokenizerFast if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
+    tokenizer = loader.from_pretrained(source, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0):
+def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, reward=False):
     """A causal LM in eval mode (dropout off). dtype/device default to bf16 on CUDA, fp32 on CPU.
 
     Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
     bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
     `tiny` is a randomly initialised Qwen2-architecture model (~1.1 M parameters) for `tiny_tokenizer`.
+    reward=True: a sequence classifier with one output (a new scalar head on a causal LM's trunk, or
+    an encoder such as DeBERTa), for reward_model.py.
     """
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen2ForSequenceClassification)
     default_device, default_dtype = device_and_dtype()
     device, dtype = device or default_device, dtype or default_dtype
     if name == "tiny":
@@ -122,11 +130,16 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0):
                              hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
                              bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, num_labels=1)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config)
+            model = (Qwen2ForSequenceClassification if reward else Qwen2ForCausalLM)(config)
         model = model.to(dtype)
+    elif reward:
+        source = resolve_checkpoint(name) if Path(name).exists() else name
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype, trust_remote_code=False)
+        if model.config.pad_token_id is None and tokenizer is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     else:
         source = resolve_checkpoint(name) if Path(name).exists() else name
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
@@ -196,19 +209,21 @@ def end_of_completion(tokenizer, chat):
     return tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id
 
 
-def encode(tokenizer, prompt, completion=None, chat=False):
+def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     """Token ids of prompt + completion + end token, and the prompt's length (where the loss starts).
 
     Prompt and completion are tokenised separately, so the boundary between them is a token boundary,
     exactly as when the model continues a prompt at sampling time. `chat=True`: `prompt` is the user
     turn and goes through the chat template. The end-of-turn token belongs to the completion: the
-    model must learn to stop. With completion None only the prompt is encoded (for sampling).
+    model must learn to stop. end=False leaves it off (a sampled completion cut at the length limit).
+    With completion None only the prompt is encoded (for sampling).
     """
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_of_completion(tokenizer, chat)]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    completion_ids += [end_of_completion(tokenizer, chat)] if end else []
     return {"input_ids": prompt_ids + completion_ids, "prompt_len": len(prompt_ids)}
 
 
@@ -266,6 +281,57 @@ def read_jsonl(path, required=()):
                 raise InputError(f"{path}, row {number}: missing column {missing[0]!r} (has {sorted(row)})")
             rows.append(row)
     return rows
+
+
+def preference_pairs(source, split="train_prefs"):
+    """Rows {prompt, chosen, rejected, chat} from UltraFeedback or a local JSONL in its schema.
+
+    `ultrafeedback` is HuggingFaceH4/ultrafeedback_binarized (`train_prefs` / `test_prefs`), where
+    chosen and rejected are conversations whose last message is the response; in a local file they
+    may also be plain response strings. Raw-text pairs (Countdown) carry "chat": false.
+    """
+    if source == "ultrafeedback":
+        from datasets import load_dataset
+        records, name = load_dataset("HuggingFaceH4/ultrafeedback_binarized", split=split), "ultrafeedback_binarized"
+    elif str(source).endswith(".jsonl"):
+        records, name = read_jsonl(source, required=("prompt", "chosen", "rejected")), source
+    else:
+        raise InputError(f"preference data {source!r}: use ultrafeedback or a .jsonl with prompt, chosen, rejected")
+    response = lambda x: x[-1]["content"] if isinstance(x, list) else x
+    pairs = []
+    for number, r in enumerate(records, 1):
+        if not isinstance(r["prompt"], str) or not all(isinstance(response(r[k]), str) for k in ("chosen", "rejected")):
+            raise InputError(f"{name}, row {number}: prompt must be text, chosen/rejected text or a list of messages")
+        pairs.append({"prompt": r["prompt"], "chosen": response(r["chosen"]), "rejected": response(r["rejected"]),
+                      "chat": r.get("chat", True)})
+    return pairs
+
+
+def load_puzzles(source, n, seed=0, skip=0):
+    """Countdown puzzles [{"target", "nums"}] from one of:
+
+    "generated": calculator.make_puzzles(n, seed), shaped like Countdown-Tasks-3to4 (offline);
+    "hub": Jiayi-Pan/Countdown-Tasks-3to4, rows skip … skip + n;
+    a .json / .jsonl file of rows with "target" and "nums" (or the course's "num", or "numbers").
+    """
+    if source == "generated":
+        from calculator import make_puzzles
+        return make_puzzles(n, seed)
+    if source == "hub":
+        from datasets import load_dataset
+        rows = load_dataset("Jiayi-Pan/Countdown-Tasks-3to4", split="train").select(range(skip, skip + n))
+    elif str(source).endswith((".json", ".jsonl")):
+        rows = read_jsonl(source) if str(source).endswith(".jsonl") else json.loads(Path(source).read_text())
+        rows = rows[skip:skip + n]
+    else:
+        raise InputError(f"puzzles {source!r}: use generated, hub, or a .json/.jsonl file")
+    puzzles = []
+    for number, row in enumerate(rows, skip + 1):
+        nums = next((row[k] for k in ("nums", "num", "numbers") if k in row), None)
+        if nums is None or "target" not in row:
+            raise InputError(f"{source}, row {number}: needs 'target' and 'nums' (or 'num')")
+        puzzles.append({"target": int(row["target"]), "nums": [int(x) for x in nums]})
+    return puzzles
 
 
 # ------------------------------------------------------------------------------------------ log-probs

@@ -56,6 +56,15 @@ def test_tiny_tokenizer_carries_qwen_specials_and_single_digits(tokenizer):
     assert tokenizer.decode(tokenizer(prompt)["input_ids"]) == prompt
 
 
+def test_a_saved_tiny_tokenizer_reloads_identically(tokenizer, model, tmp_path):
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = common.load_tokenizer(str(tmp_path))
+    text = common.chat_prompt(tokenizer, "Using the numbers [1, 2], make 3.") + warmstart_query([95, 36, 32], 91)
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert reloaded.chat_template == tokenizer.chat_template and reloaded.pad_token_id == tokenizer.pad_token_id
+
+
 def test_chat_template_is_qwen_style_and_our_system_turn_replaces_the_default(tokenizer):
     default = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert default.startswith("<|im_start|>system\nYou are Qwen") and default.endswith("<|im_start|>assistant\n")

@@ -1,0 +1,287 @@
+"""Direct preference optimisation (spec §1.4.2, Eq. 7; implicit reward Eq. 4) on UltraFeedback or Countdown.
+
+    python dpo.py --model out/sft-smoltalk                                   # UltraFeedback (GPU)
+    python dpo.py --model out/sft --data countdown                           # on-policy Countdown pairs (spec §1.3)
+    python dpo.py --model out/sft-smoltalk --rlaif-model out/rm --rlaif-min -10   # RLAIF relabelling (report 000)
+    python dpo.py --model tiny --data prefs.jsonl --steps 50 --lr 1e-3      # CPU, no downloads
+
+Eq. 7: L = −E log σ(β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x)), averaged over pairs;
+log π(y|x) is the sum of the completion tokens' log-probs (end-of-turn token included), per sequence,
+not per token. Chosen and rejected sequences share one forward pass. π_ref is the SFT model: its
+log-probs are computed once, in a no-grad pass before training, and only the policy stays in memory.
+
+Countdown pairs: two completions per puzzle sampled from the SFT model at a non-zero temperature,
+labelled by the rule reward, ties dropped, cached as JSONL in out_dir so they are built once.
+
+Deviations from the spec: a completion cut at the length limit is scored without an end token it
+never produced.
+"""
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import (InputError, collate, device_and_dtype, encode, generate, length_grouped_batches, load_model,
+                    load_puzzles, load_tokenizer, load_trainer_state, log_metrics, preference_pairs, read_jsonl,
+                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
+                    set_rng_state, warmup_cosine)
+from countdown_reward import score_response, warmstart_query
+
+
+@dataclass
+class Args:
+    model: str = "out/sft"            # π_θ at step 0 (the SFT checkpoint), and π_ref unless --ref-model
+    ref_model: str = ""               # π_ref; empty: --model. Its log-probs are computed once, then it is freed
+    data: str = "ultrafeedback"       # ultrafeedback | countdown (on-policy pairs) | a .jsonl with prompt, chosen, rejected
+    eval_data: str = ""               # held-out pairs .jsonl; default: test_prefs, or the last eval_rows pairs
+    out_dir: str = "out/dpo"          # checkpoints (step-N/), metrics.jsonl, countdown_pairs.jsonl
+    beta: float = 0.1                 # β in Eq. 7 (report 000)
+    lr: float = 1e-6                  # AdamW peak learning rate (report 000)
+    batch_size: int = 4               # pairs per micro-batch (2 × sequences in one forward pass)
+    grad_accum: int = 16              # micro-batches per optimizer step
+    epochs: float = 1.0               # passes over the pairs; sets the step count when --steps is 0
+    steps: int = 0                    # optimizer steps (0: from --epochs)
+    warmup: float = 0.1               # share of steps with linear warmup; then cosine decay to lr/10
+    grad_clip: float = 1.0            # max global gradient norm
+    max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
+    log_every: int = 10               # steps between log lines
+    eval_every: int = 100             # steps between held-out metrics
+    eval_rows: int = 200              # held-out pairs
+    save_every: int = 200             # steps between checkpoints
+    seed: int = 0                     # seeds data order, the puzzles and pair sampling
+    resume: bool = False              # continue from out_dir's newest checkpoint
+    puzzles: str = "generated"        # Countdown prompts: generated | hub | a .json/.jsonl of {nums, target}
+    pair_prompts: int = 2000          # puzzles sampled twice for Countdown pairs (ties are dropped)
+    pair_temperature: float = 1.0     # sampling temperature of the pairs (spec: non-zero)
+    pair_max_tokens: int = 1024       # max new tokens of a sampled completion
+    pairs_file: str = ""              # Countdown pair cache; default out_dir/countdown_pairs.jsonl
+    rlaif_model: str = ""             # RLAIF: a reward model directory that rescores and reorders every pair
+    rlaif_min: float = -math.inf      # RLAIF: drop pairs whose chosen response scores below this (report 000: −10)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Eq. 7, averaged over pairs; also the implicit rewards of Eq. 4 (detached), for logging.
+
+    Each argument is a (pairs,) tensor of per-sequence log-prob sums. Returns
+    (loss, chosen_rewards, rejected_rewards), rewards r = β (log π_θ(y|x) − log π_ref(y|x)).
+    """
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)        # Eq. 4
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # Eq. 4
+    loss = -F.logsigmoid(chosen - rejected).mean()                  # Eq. 7
+    return loss, chosen.detach(), rejected.detach()
+
+
+# ------------------------------------------------------------------------------------ Countdown pairs
+
+def label_countdown_pairs(puzzles, samples):
+    """Pairs from two sampled completions per puzzle, labelled by the rule reward; ties dropped.
+
+    samples[i] = [(text, stopped), (text, stopped)] for puzzles[i]. Returns (pairs, ties).
+    """
+    pairs, ties = [], 0
+    for puzzle, ((a, a_stop), (b, b_stop)) in zip(puzzles, samples):
+        sa, sb = score_response(a, puzzle), score_response(b, puzzle)
+        if sa == sb:
+            ties += 1
+            continue
+        (w, w_stop, sw), (l, l_stop, sl) = sorted([(a, a_stop, sa), (b, b_stop, sb)], key=lambda x: -x[2])
+        pairs.append({"prompt": warmstart_query(puzzle["nums"], puzzle["target"]), "chosen": w, "rejected": l,
+                      "chat": False, "chosen_end": w_stop, "rejected_end": l_stop, "chosen_score": sw,
+                      "rejected_score": sl, "nums": puzzle["nums"], "target": puzzle["target"]})
+    return pairs, ties
+
+
+def build_countdown_pairs(model, tokenizer, args, path):
+    """Sample 2 completions per puzzle from the SFT model, label them, cache them to `path`."""
+    puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
+    prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
+    completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(2)],
+                                    max_new_tokens=args.pair_max_tokens, temperature=args.pair_temperature)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    samples = [list(zip(texts[i:i + 2], stopped[i:i + 2])) for i in range(0, len(texts), 2)]
+    pairs, ties = label_countdown_pairs(puzzles, samples)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    print(f"countdown pairs: {len(pairs)} from {len(puzzles)} puzzles ({ties} ties dropped) → {path}")
+    return pairs
+
+
+def rlaif_relabel(pairs, rm_path, min_score):
+    """RLAIF (spec §2.1, report 000): order each pair by a reward model; drop those whose chosen scores < min_score."""
+    import reward_model
+    rm, rm_tokenizer = reward_model.load(rm_path)
+    prompts = [p["prompt"] for p in pairs]
+    a = reward_model.score(rm, rm_tokenizer, prompts, [p["chosen"] for p in pairs])
+    b = reward_model.score(rm, rm_tokenizer, prompts, [p["rejected"] for p in pairs])
+    kept, flipped = [], 0
+    for p, sa, sb in zip(pairs, a.tolist(), b.tolist()):
+        if sb > sa:
+            flipped += 1
+            p = {**p, "chosen": p["rejected"], "rejected": p["chosen"],
+                 "chosen_end": p.get("rejected_end", True), "rejected_end": p.get("chosen_end", True)}
+        if max(sa, sb) >= min_score:
+            kept.append(p)
+    print(f"RLAIF: {flipped} of {len(pairs)} pairs reordered, {len(pairs) - len(kept)} dropped below {min_score}")
+    del rm
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def encode_pairs(tokenizer, pairs, max_len):
+    """[(chosen example, rejected example)], and the number of pairs dropped for length."""
+    encoded, dropped = [], 0
+    for p in pairs:
+        both = tuple(encode(tokenizer, p["prompt"], p[k], chat=p.get("chat", True), end=p.get(f"{k}_end", True))
+                     for k in ("chosen", "rejected"))
+        if max(len(e["input_ids"]) for e in both) > max_len:
+            dropped += 1
+            continue
+        encoded.append(both)
+    return encoded, dropped
+
+
+def pair_logprobs(model, pairs, pad_id, autocast, temperature=1.0):
+    """Policy log-probs (chosen, rejected) of a list of encoded pairs, in one forward pass."""
+    batch = {k: v.to(model.device) for k, v in collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).items()}
+    with autocast:
+        logps = sequence_logprobs(model, **batch, temperature=temperature)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs, pad_id, batch_size, autocast):
+    """π_ref log-probs of every pair, (n, 2): computed once, before training."""
+    out = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="π_ref log-probs", leave=False, disable=len(pairs) < 500):
+        chosen, rejected = pair_logprobs(model, pairs[start:start + batch_size], pad_id, autocast)
+        out.append(torch.stack([chosen, rejected], 1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(args):
+    # 1. setup
+    seed_everything(args.seed)
+    device, amp_dtype = device_and_dtype()
+    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    out_dir = Path(args.out_dir)
+    tokenizer = load_tokenizer(args.model)
+    policy_source = resolve_checkpoint(out_dir) if args.resume else args.model
+    model = load_model(str(policy_source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
+
+    # 2. data (Countdown pairs are sampled from the SFT model, once)
+    if args.data == "countdown":
+        cache = Path(args.pairs_file or out_dir / "countdown_pairs.jsonl")
+        if cache.exists():
+            pairs = read_jsonl(cache, required=("prompt", "chosen", "rejected"))
+            print(f"countdown pairs: {len(pairs)} from {cache}")
+        elif args.resume:
+            raise InputError(f"{cache}: the Countdown pairs of this run are missing; cannot resume without them")
+        else:
+            pairs = build_countdown_pairs(model, tokenizer, args, cache)
+    else:
+        pairs = preference_pairs(args.data)
+    if args.eval_data:
+        held_pairs = preference_pairs(args.eval_data)
+    elif args.data == "ultrafeedback":
+        held_pairs = preference_pairs("ultrafeedback", split="test_prefs")
+    else:
+        pairs, held_pairs = pairs[:-args.eval_rows], pairs[-args.eval_rows:]
+    held_pairs = held_pairs[:args.eval_rows]
+    if args.rlaif_model:
+        pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_min)
+    train, dropped = encode_pairs(tokenizer, pairs, args.max_len)
+    held, _ = encode_pairs(tokenizer, held_pairs, args.max_len)
+    if not train:
+        raise InputError(f"no preference pairs left in --data {args.data} (dropped for length: {dropped})")
+    per_step = args.batch_size * args.grad_accum
+    total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
+    print(f"{len(train)} training pairs ({dropped} dropped over {args.max_len} tokens), {len(held)} held out | "
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | {device}")
+
+    # 3. π_ref log-probs, once; then only the policy is kept
+    ref_source = args.ref_model or (args.model if args.resume else "")
+    ref = load_model(ref_source, tokenizer, dtype=torch.float32, device=device, seed=args.seed) if ref_source else model
+    ref_train = reference_logprobs(ref.eval(), train, tokenizer.pad_token_id, args.batch_size, autocast)
+    ref_held = reference_logprobs(ref, held, tokenizer.pad_token_id, args.batch_size, autocast)
+    del ref
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
+    start_step = 0
+    if args.resume:
+        state = load_trainer_state(policy_source)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+    lengths = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in train]
+    stream = (b for epoch in range(10 ** 9) for b in length_grouped_batches(lengths, args.batch_size, args.seed * 1_000_003 + epoch))
+    for _ in range(start_step * args.grad_accum):
+        next(stream)
+
+    @torch.no_grad()
+    def evaluate(step):
+        model.eval()
+        stats = torch.zeros(4)  # loss·n, correct, margin, n
+        for start in range(0, len(held), args.batch_size):
+            chosen, rejected = pair_logprobs(model, held[start:start + args.batch_size], tokenizer.pad_token_id, autocast)
+            ref_c, ref_r = ref_held[start:start + args.batch_size].to(device).unbind(1)
+            loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
+            stats += torch.tensor([loss.item() * len(rc), (rc > rr).sum().item(), (rc - rr).sum().item(), len(rc)])
+        model.train()
+        log_metrics(out_dir, step, total, {"eval_loss": stats[0].item() / stats[3].item(),
+                                           "eval_acc": stats[1].item() / stats[3].item(),
+                                           "eval_margin": stats[2].item() / stats[3].item()})
+
+    # 4. loop: per step, grad_accum micro-batches; the loss is the mean over the step's pairs
+    if held and start_step == 0:
+        evaluate(0)
+    tick = time.time()
+    for step in range(start_step + 1, total + 1):
+        groups = [next(stream) for _ in range(args.grad_accum)]
+        n_pairs = sum(map(len, groups))
+        sums = torch.zeros(5)  # loss, correct, margin, chosen log-prob, rejected log-prob
+        for index in groups:
+            chosen, rejected = pair_logprobs(model, [train[i] for i in index], tokenizer.pad_token_id, autocast)
+            ref_c, ref_r = ref_train[index].to(device).unbind(1)
+            loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
+            (loss * len(index) / n_pairs).backward()
+            sums += torch.tensor([loss.item() * len(index), (rc > rr).sum().item(), (rc - rr).sum().item(),
+                                  chosen.sum().item(), rejected.sum().item()])
+        if not math.isfinite(sums[0].item()):
+            raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == total:
+            loss, acc, margin, logp_c, logp_r = (sums / n_pairs).tolist()
+            log_metrics(out_dir, step, total, {"loss": loss, "acc": acc, "margin": margin, "logp_chosen": logp_c,
+                                               "logp_rejected": logp_r, "lr": scheduler.get_last_lr()[0],
+                                               "time": time.time() - tick})
+            tick = time.time()
+        if held and (step % args.eval_every == 0 or step == total):
+            evaluate(step)
+        if step % args.save_every == 0 and step != total:
+            save_checkpoint(out_dir, step, model, tokenizer, args, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
+    # 5. final save
+    path = save_checkpoint(out_dir, total, model, tokenizer, args, {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    print(f"saved {path}")
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    run(main, Args)

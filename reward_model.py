@@ -1,0 +1,223 @@
+"""Bradley–Terry reward model (spec §1.4.3, Eq. 9; Eq. 1 and 3) on UltraFeedback or a local preference file.
+
+    python reward_model.py --model out/sft-smoltalk                  # Qwen trunk + scalar head (GPU)
+    python reward_model.py --model microsoft/deberta-v3-base --lr 2e-5 --out-dir out/rm-deberta   # an encoder (report 001)
+    python reward_model.py --model tiny --data prefs.jsonl --steps 100   # CPU, no downloads
+
+    from reward_model import load, score
+    rm, tok = load("out/rm"); score(rm, tok, ["How do I boil an egg?"], ["Put it in boiling water for 8 minutes."])
+
+Eq. 9: maximise E log σ(r_φ(x, y_w) − r_φ(x, y_l)); the loss is its negation, averaged over pairs.
+The reward is one scalar per sequence: a causal-LM trunk's head is read at the last real token (found
+from lengths, never by looking for a pad id), an encoder's from its own pooling. `score` formats text
+exactly as training does (chat template, fixed system turn, closing <|im_end|>), so a response scores
+the same at evaluation as in a training batch. Pairwise accuracy on the held-out pairs is reported.
+
+Deviations from the spec: none in the objective.
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import (InputError, collate, device_and_dtype, encode, length_grouped_batches, load_model, load_tokenizer,
+                    load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint, rng_state, run,
+                    save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
+
+
+@dataclass
+class Args:
+    model: str = "Qwen/Qwen2.5-0.5B"  # trunk: causal LM (hub id, directory, run directory), an encoder, or `tiny`
+    data: str = "ultrafeedback"       # ultrafeedback (train_prefs) or a .jsonl with prompt, chosen, rejected
+    eval_data: str = ""               # held-out .jsonl; default: test_prefs, or a file's last eval_rows pairs
+    out_dir: str = "out/rm"           # checkpoints (step-N/) and metrics.jsonl
+    max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
+    batch_size: int = 8               # pairs per micro-batch (2 × sequences)
+    grad_accum: int = 4               # micro-batches per optimizer step
+    epochs: float = 1.0               # passes over the pairs; sets the step count when --steps is 0
+    steps: int = 0                    # optimizer steps (0: from --epochs)
+    lr: float = 1e-5                  # AdamW peak learning rate
+    warmup: float = 0.03              # share of steps with linear warmup; then cosine decay to lr/10
+    grad_clip: float = 1.0            # max global gradient norm
+    log_every: int = 10               # steps between log lines
+    eval_every: int = 100             # steps between held-out accuracies
+    eval_rows: int = 500              # held-out pairs
+    save_every: int = 200             # steps between checkpoints
+    seed: int = 0                     # seeds data order and the head's initialisation
+    resume: bool = False              # continue from out_dir's newest checkpoint
+
+
+def bt_loss(r_chosen, r_rejected):
+    """Eq. 9, negated: −log σ(r_φ(x, y_w) − r_φ(x, y_l)), averaged over pairs (per-pair normalisation)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def encode_pair(tokenizer, prompt, response, chat=True):
+    """A (prompt, response) as the reward model reads it. Causal trunks use common.encode (the chat
+    template and the end-of-turn token); encoders without a chat template use their own pair format."""
+    if tokenizer.chat_template is None:
+        return {"input_ids": tokenizer(prompt, response)["input_ids"], "prompt_len": 0}
+    return encode(tokenizer, prompt, response, chat=chat)
+
+
+def rewards(model, input_ids, attention_mask, **_):
+    """One scalar per sequence: a causal trunk's head at the last real token (from lengths), else the encoder's."""
+    if not hasattr(model, "score"):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = attention_mask.sum(1) - 1
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts, responses, chat=True, batch_size=16):
+    """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU."""
+    device, amp_dtype = device_and_dtype()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        examples = [encode_pair(tokenizer, p, r, chat) for p, r in zip(prompts[start:start + batch_size],
+                                                                         responses[start:start + batch_size])]
+        batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        with torch.autocast(device, dtype=amp_dtype, enabled=device == "cuda"):
+            out.append(rewards(model, **batch).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def load(path, device=None):
+    """A trained reward model and its tokenizer (a directory or a run directory), ready for `score`."""
+    tokenizer = load_tokenizer(str(path))
+    return load_model(str(path), tokenizer, device=device, reward=True), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def encode_pairs(tokenizer, pairs, max_len):
+    """[(chosen example, rejected example)], and the number of pairs dropped for length."""
+    encoded, dropped = [], 0
+    for p in pairs:
+        both = tuple(encode_pair(tokenizer, p["prompt"], p[k], p.get("chat", True)) for k in ("chosen", "rejected"))
+        if max(len(e["input_ids"]) for e in both) > max_len:
+            dropped += 1
+            continue
+        encoded.append(both)
+    return encoded, dropped
+
+
+def load_pairs(args):
+    train = preference_pairs(args.data)
+    if args.eval_data:
+        held = preference_pairs(args.eval_data)
+    elif args.data == "ultrafeedback":
+        held = preference_pairs("ultrafeedback", split="test_prefs")
+    else:
+        train, held = train[:-args.eval_rows], train[-args.eval_rows:]
+    return train, held[:args.eval_rows]
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, pairs, pad_id, batch_size, autocast):
+    """Share of held-out pairs whose chosen response gets the higher reward, and the mean BT loss."""
+    correct, loss = 0, 0.0
+    for start in tqdm(range(0, len(pairs), batch_size), desc="held-out", leave=False, disable=len(pairs) < 500):
+        chunk = pairs[start:start + batch_size]
+        batch = {k: v.to(model.device) for k, v in collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id).items()}
+        with autocast:
+            r = rewards(model, **batch)
+        rc, rr = r[:len(chunk)], r[len(chunk):]
+        correct += (rc > rr).sum().item()
+        loss += bt_loss(rc, rr).item() * len(chunk)
+    return correct / max(len(pairs), 1), loss / max(len(pairs), 1)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(args):
+    # 1. setup
+    seed_everything(args.seed)
+    device, amp_dtype = device_and_dtype()
+    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    out_dir = Path(args.out_dir)
+
+    # 2. data
+    tokenizer = load_tokenizer(args.model)
+    train_pairs, held_pairs = load_pairs(args)
+    train, dropped = encode_pairs(tokenizer, train_pairs, args.max_len)
+    held, _ = encode_pairs(tokenizer, held_pairs, args.max_len)
+    if not train:
+        raise InputError(f"no preference pairs left in --data {args.data} (dropped for length: {dropped})")
+    per_step = args.batch_size * args.grad_accum
+    total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
+    print(f"{len(train)} training pairs ({dropped} dropped over {args.max_len} tokens), {len(held)} held out | "
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | {device}")
+
+    # 3. model, optimizer, schedule
+    start_step, source = 0, args.model
+    if args.resume:
+        source = resolve_checkpoint(out_dir)
+        state = load_trainer_state(source)
+        start_step = state["step"]
+    model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed, reward=True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
+    if args.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    lengths = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in train]
+    stream = (b for epoch in range(10 ** 9) for b in length_grouped_batches(lengths, args.batch_size, args.seed * 1_000_003 + epoch))
+    for _ in range(start_step * args.grad_accum):
+        next(stream)
+
+    def evaluate(step):
+        model.eval()
+        acc, loss = pairwise_accuracy(model, held, tokenizer.pad_token_id, args.batch_size, autocast)
+        model.train()
+        log_metrics(out_dir, step, total, {"eval_loss": loss, "eval_acc": acc})
+
+    # 4. loop: chosen and rejected of a micro-batch go through the model together
+    if held and start_step == 0:
+        evaluate(0)
+    tick = time.time()
+    for step in range(start_step + 1, total + 1):
+        groups = [[train[i] for i in next(stream)] for _ in range(args.grad_accum)]
+        n_pairs = sum(map(len, groups))
+        step_loss, correct, margin = 0.0, 0, 0.0
+        for pairs in groups:
+            batch = {k: v.to(device) for k, v in collate([c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id).items()}
+            with autocast:
+                r = rewards(model, **batch)
+            rc, rr = r[:len(pairs)], r[len(pairs):]
+            loss = bt_loss(rc, rr) * len(pairs) / n_pairs  # the mean over the step's pairs
+            loss.backward()
+            step_loss += loss.item()
+            correct += (rc > rr).sum().item()
+            margin += (rc - rr).sum().item()
+        if not math.isfinite(step_loss):
+            raise SystemExit(f"reward_model.py: loss is {step_loss} at step {step}; stopped before the update")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == total:
+            log_metrics(out_dir, step, total, {"loss": step_loss, "acc": correct / n_pairs, "margin": margin / n_pairs,
+                                               "lr": scheduler.get_last_lr()[0], "time": time.time() - tick})
+            tick = time.time()
+        if held and (step % args.eval_every == 0 or step == total):
+            evaluate(step)
+        if step % args.save_every == 0 and step != total:
+            save_checkpoint(out_dir, step, model, tokenizer, args, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
+    # 5. final save
+    path = save_checkpoint(out_dir, total, model, tokenizer, args, {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    print(f"saved {path}")
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    run(main, Args)
