@@ -399,6 +399,47 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     return completions, stopped
 
 
+class VLLMSampler:
+    """`generate` through an in-process vLLM engine (CUDA only; the one place vLLM is imported).
+
+    The engine starts from `path` (a model or run directory, or a hub id) and afterwards receives the
+    policy's weights straight from memory with `load_weights(model)` after every optimiser step — no
+    checkpoint round trip. Same contract as `generate`: stop on <|im_end|> / <|endoftext|>, the stop
+    token kept, unknown ids never sampled. Written against vLLM's V1 engine run in-process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0); the attribute path to the model has moved between releases.
+    """
+
+    def __init__(self, path, tokenizer, gpu_memory_utilization=0.3, seed=0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        source = str(resolve_checkpoint(path)) if Path(path).exists() else path
+        self.llm = LLM(model=source, tokenizer=source, dtype="bfloat16", seed=seed, enable_prefix_caching=True,
+                       gpu_memory_utilization=gpu_memory_utilization)
+        self.tokenizer, self.stops = tokenizer, stop_token_ids(tokenizer)
+
+    def load_weights(self, model):
+        worker = self.llm.llm_engine.model_executor.driver_worker
+        worker = getattr(worker, "worker", worker)
+        worker.model_runner.model.load_weights(((name, p.detach()) for name, p in model.state_dict().items()))
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0):
+        from vllm import SamplingParams
+        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
+                                max_tokens=max_new_tokens, stop_token_ids=self.stops, skip_special_tokens=False,
+                                allowed_token_ids=list(range(len(self.tokenizer))))
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        completions, stopped = [], []
+        for out in outputs:
+            ids, done = list(out.outputs[0].token_ids), out.outputs[0].finish_reason == "stop"
+            if done and (not ids or ids[-1] not in self.stops):  # make the stop token part of the completion
+                reason = out.outputs[0].stop_reason
+                ids.append(reason if isinstance(reason, int) else self.tokenizer.eos_token_id)
+            completions.append(ids)
+            stopped.append(done)
+        return completions, stopped
+
+
 # ------------------------------------------------------------------------------ seeding, saving, logs
 
 def warmup_cosine(step, total, warmup_steps, floor=0.1):

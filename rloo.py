@@ -1,0 +1,271 @@
+"""REINFORCE leave-one-out (spec §1.4.3, Eq. 8, with Eq. 2's KL) on Countdown or UltraFeedback.
+
+    python rloo.py --k 8 --lr 1e-6                                  # Countdown from out/sft, rule reward (GPU)
+    python rloo.py --task ultrafeedback --model out/sft-smoltalk --reward-model out/rm
+    python rloo.py --model tiny --steps 20 --max-new-tokens 32     # CPU, no downloads
+
+Per step: P prompts, K samples each at temperature T; reward R (compute_score, or a reward model);
+with β > 0 the per-sequence KL estimate log π_θ(y|x) − log π_ref(y|x) is folded into the reward
+(R − β·KL, no gradient through it; Eq. 2); leave-one-out advantages A_i = R_i − 1/(K−1) Σ_{j≠i} R_j
+within each prompt's K samples (Eq. 8); loss −A_i · log π_θ(y_i|x), with log π summed over the
+completion's tokens (stop token included) and averaged over the step's P·K sequences: per-sequence
+normalisation, as in Eq. 8's 1/k Σ_i. Log-probs of sampled text always use the sampling temperature.
+
+The K samples of a prompt always share a micro-batch, so the KL, the baseline and the loss come out
+of one forward pass and one backward pass: no separate pass for "old" log-probs (one update per
+batch keeps the samples on-policy).
+
+Deviations from the spec: an optional penalty for completions that hit the length limit without
+stopping (--overlong-penalty, 0 by default).
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common import (InputError, VLLMSampler, collate, device_and_dtype, encode, generate, load_model, load_puzzles,
+                    load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint, rng_state, run,
+                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+from countdown_reward import score_response, warmstart_query
+
+
+@dataclass
+class Args:
+    model: str = "out/sft"               # π_θ at step 0 (the SFT checkpoint); a frozen copy is π_ref
+    task: str = "countdown"              # countdown (rule reward) | ultrafeedback (--reward-model)
+    reward_model: str = "out/rm"         # reward_model.py's output, for --task ultrafeedback
+    puzzles: str = "generated"           # Countdown prompts: generated | hub | a .json/.jsonl of {nums, target}
+    prompts: str = "ultrafeedback"       # UltraFeedback prompts: ultrafeedback (train_prefs) | a .jsonl with "prompt"
+    n_prompts: int = 20000               # training prompts drawn (cycled when exhausted)
+    eval_prompts: int = 200              # held-out prompts for the greedy evaluation
+    out_dir: str = "out/rloo"            # checkpoints (step-N/) and metrics.jsonl
+    k: int = 8                           # K samples per prompt (Eq. 8)
+    prompts_per_step: int = 16           # P prompts per optimizer step: P·K sequences
+    micro_prompts: int = 1               # prompts per forward/backward pass (their K samples together)
+    steps: int = 200                     # optimizer steps
+    lr: float = 1e-6                     # AdamW learning rate
+    warmup: float = 0.0                  # share of steps with linear warmup; then cosine decay to lr/10
+    grad_clip: float = 1.0               # max global gradient norm
+    kl_coef: float = 0.001               # β in Eq. 2; 0 turns the KL term (and π_ref) off
+    temperature: float = 1.0             # sampling temperature T, also applied to every log-prob of samples
+    top_p: float = 1.0                   # nucleus sampling
+    max_new_tokens: int = 1024           # completion length limit
+    overlong_penalty: float = 0.0        # subtracted from the reward of a completion that never stopped
+    log_every: int = 1                   # steps between log lines
+    sample_every: int = 10               # steps between printed sample completions
+    eval_every: int = 50                 # steps between greedy held-out evaluations
+    save_every: int = 50                 # steps between checkpoints
+    seed: int = 0                        # seeds prompts and sampling
+    resume: bool = False                 # continue from out_dir's newest checkpoint
+    vllm: bool = True                    # sample with vLLM when it is installed and CUDA is present
+    vllm_memory: float = 0.3             # share of GPU memory vLLM may take
+
+
+def rloo_advantages(rewards):
+    """Eq. 8's baseline: A_i = R_i − 1/(K−1) Σ_{j≠i} R_j, for a (prompts, K) tensor; never across prompts.
+
+    Computed as 1/(K−1) Σ_{j≠i} (R_i − R_j), the same number, so that equal rewards give exactly 0.
+    """
+    return (rewards[:, :, None] - rewards[:, None, :]).sum(2) / (rewards.shape[1] - 1)
+
+
+def kl_penalised_rewards(rewards, policy_logps, ref_logps, kl_coef):
+    """Eq. 2 as a reward: R − β (log π_θ(y|x) − log π_ref(y|x)), per sequence, without gradient."""
+    return rewards - kl_coef * (policy_logps - ref_logps).detach()
+
+
+def rloo_loss(advantages, logps, n_sequences):
+    """Eq. 8 as a loss: −Σ_i A_i · log π_θ(y_i|x) over this micro-batch, / the step's sequence count.
+
+    advantages, logps: (prompts, K); log π summed over completion tokens. Summed over a step's
+    micro-batches, this is the mean over its P·K sequences (per-sequence normalisation).
+    """
+    return -(advantages.detach() * logps).sum() / n_sequences
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def load_prompts(args, tokenizer):
+    """Training and held-out prompts: [{"text", "ids", ...}] — Countdown puzzles or UltraFeedback user turns."""
+    total = args.n_prompts + args.eval_prompts
+    if args.task == "countdown":
+        rows = load_puzzles(args.puzzles, total, seed=args.seed)
+        rows = [{**p, "text": warmstart_query(p["nums"], p["target"])} for p in rows]
+        chat = False
+    elif args.task == "ultrafeedback":
+        if args.prompts == "ultrafeedback":
+            from datasets import load_dataset
+            records = load_dataset("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs").select(range(total))
+        else:
+            records = read_jsonl(args.prompts, required=("prompt",))[:total]
+        rows, chat = [{"text": r["prompt"]} for r in records], True
+    else:
+        raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
+    for r in rows:
+        r["ids"] = encode(tokenizer, r["text"], chat=chat)["input_ids"]
+    if len(rows) <= args.eval_prompts:
+        raise InputError(f"{len(rows)} prompts: need more than --eval-prompts {args.eval_prompts}")
+    return rows[args.eval_prompts:], rows[:args.eval_prompts]
+
+
+def score_completions(task, prompts, texts, reward_model=None):
+    """Rewards of decoded completions: the rule reward (as the original evaluation scores a response), or an RM."""
+    if task == "countdown":
+        return torch.tensor([score_response(t, p) for p, t in zip(prompts, texts)])
+    import reward_model as rm
+    model, tokenizer = reward_model
+    return rm.score(model, tokenizer, [p["text"] for p in prompts], texts)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main(args):
+    # 1. setup
+    if args.k < 2:
+        raise InputError(f"--k {args.k}: the leave-one-out baseline needs K ≥ 2")
+    seed_everything(args.seed)
+    device, amp_dtype = device_and_dtype()
+    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    out_dir = Path(args.out_dir)
+    tokenizer = load_tokenizer(args.model)
+    train_prompts, held_prompts = load_prompts(args, tokenizer)
+    per_step = args.prompts_per_step * args.k
+    print(f"{len(train_prompts)} training prompts, {len(held_prompts)} held out | {args.prompts_per_step} prompts × "
+          f"K {args.k} = {per_step} samples per step, {args.micro_prompts * args.k} per forward pass | "
+          f"{args.steps} steps = {args.steps * args.prompts_per_step / len(train_prompts):.2f} epochs | "
+          f"T {args.temperature} | β {args.kl_coef} | {device}")
+
+    # 2. models: the policy on the accelerator; π_ref and a reward model stay on the CPU until used
+    start_step, source = 0, args.model
+    if args.resume:
+        source = resolve_checkpoint(out_dir)
+        state = load_trainer_state(source)
+        start_step = state["step"]
+    model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
+    ref = load_model(args.model, tokenizer, device="cpu", seed=args.seed) if args.kl_coef else None
+    rm = None
+    if args.task == "ultrafeedback":
+        import reward_model
+        rm = reward_model.load(args.reward_model, device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, int(args.warmup * args.steps)))
+    if args.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    vllm = None
+    if args.vllm and device == "cuda" and args.model != "tiny":
+        try:
+            vllm = VLLMSampler(str(source), tokenizer, args.vllm_memory, seed=args.seed)
+        except ImportError:
+            print("vLLM is not installed: sampling with transformers' generate")
+    sample = vllm.generate if vllm else lambda ids, **kw: generate(model, tokenizer, ids, **kw)
+
+    def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
+        return _Visit(m, device)
+
+    def evaluate(step):
+        model.eval()
+        completions, stopped = sample([p["ids"] for p in held_prompts], max_new_tokens=args.max_new_tokens, temperature=0)
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        with on_device(rm[0] if rm else None):
+            rewards = score_completions(args.task, held_prompts, texts, rm)
+        metrics = {"eval_reward": rewards.mean().item()}
+        if args.task == "countdown":
+            metrics |= {"eval_acc": (rewards == 1).float().mean().item(), "eval_format": (rewards > 0).float().mean().item()}
+        log_metrics(out_dir, step, args.steps, metrics)
+
+    # 3. loop: sample → reward → (π_ref log-probs) → per micro-batch: KL, advantages, loss → update
+    if held_prompts and start_step == 0 and args.eval_every:
+        evaluate(0)
+    tick = time.time()
+    for step in range(start_step + 1, args.steps + 1):
+        first = (step - 1) * args.prompts_per_step
+        prompts = [train_prompts[(first + i) % len(train_prompts)] for i in range(args.prompts_per_step)]
+        model.eval()
+        completions, stopped = sample([p["ids"] for p in prompts for _ in range(args.k)],
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        with on_device(rm[0] if rm else None):
+            rewards = score_completions(args.task, [p for p in prompts for _ in range(args.k)], texts, rm).float()
+        task_rewards = rewards.clone()
+        rewards -= args.overlong_penalty * (~torch.tensor(stopped)).float()
+        examples = [{"input_ids": p["ids"] + c, "prompt_len": len(p["ids"])}
+                    for p, c in zip([p for p in prompts for _ in range(args.k)], completions)]
+        ref_logps = torch.zeros(len(examples))
+        if ref is not None:
+            with on_device(ref), torch.no_grad():
+                ref_logps = torch.cat([_logps(ref, examples[i:i + args.micro_prompts * args.k], tokenizer, args, autocast)
+                                       for i in range(0, len(examples), args.micro_prompts * args.k)]).cpu()
+
+        model.train()
+        step_loss, kls = 0.0, []
+        for i in range(0, len(examples), args.micro_prompts * args.k):
+            part = slice(i, i + args.micro_prompts * args.k)
+            logps = _logps(model, examples[part], tokenizer, args, autocast)
+            shaped = kl_penalised_rewards(rewards[part].to(device), logps, ref_logps[part].to(device), args.kl_coef)
+            advantages = rloo_advantages(shaped.view(-1, args.k))
+            loss = rloo_loss(advantages, logps.view(-1, args.k), len(examples))
+            loss.backward()
+            step_loss += loss.item()
+            kls.append((logps.detach().cpu() - ref_logps[part]) if ref is not None else torch.zeros(0))
+        if not math.isfinite(step_loss):
+            raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if vllm:
+            vllm.load_weights(model)
+
+        if step % args.log_every == 0 or step == args.steps:
+            metrics = {"loss": step_loss, "reward": task_rewards.mean().item()}
+            if args.task == "countdown":
+                metrics |= {"acc": (task_rewards == 1).float().mean().item(), "format": (task_rewards > 0).float().mean().item()}
+            metrics |= {"kl": torch.cat(kls).mean().item() if ref is not None else 0.0,
+                        "len": sum(map(len, completions)) / len(completions),
+                        "stopped": sum(stopped) / len(stopped), "time": time.time() - tick}
+            log_metrics(out_dir, step, args.steps, metrics)
+            tick = time.time()
+        if args.sample_every and step % args.sample_every == 0:
+            print(f"  sample (reward {task_rewards[0]:.2f}): {texts[0]!r}")
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            evaluate(step)
+        if step % args.save_every == 0 and step != args.steps:
+            save_checkpoint(out_dir, step, model, tokenizer, args, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
+    # 4. final save
+    path = save_checkpoint(out_dir, args.steps, model, tokenizer, args, {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    print(f"saved {path}")
+    return model, tokenizer
+
+
+def _logps(model, examples, tokenizer, args, autocast):
+    """log π(completion | prompt) of sampled sequences, summed over completion tokens, at the sampling temperature."""
+    batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    with autocast:
+        return sequence_logprobs(model, **batch, temperature=args.temperature)
+
+
+class _Visit:
+    """Move a frozen model to the accelerator for a `with` block, and back to the CPU after it."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def __enter__(self):
+        if self.model is not None and self.device != "cpu":
+            self.model.to(self.device)
+
+    def __exit__(self, *exc):
+        if self.model is not None and self.device != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    run(main, Args)
