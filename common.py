@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 QWEN = "Qwen/Qwen2.5-0.5B"
 SYSTEM_PROMPT = "You are a helpful assistant."  # the one system turn of every chat prompt, train and eval
@@ -386,7 +387,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
                               top_p=top_p if sample else 1.0, top_k=0 if sample else 50, repetition_penalty=1.0, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None)
     completions, stopped = [], []
-    for start in range(0, len(prompt_ids), batch_size):
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False,
+                      disable=len(prompt_ids) <= 4 * batch_size):
         batch = prompt_ids[start:start + batch_size]
         width = max(map(len, batch))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
@@ -438,6 +440,21 @@ class VLLMSampler:
             completions.append(ids)
             stopped.append(done)
         return completions, stopped
+
+
+def make_sampler(model, tokenizer, path, use_vllm=True, gpu_memory_utilization=0.3, seed=0):
+    """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p) → (completions, stopped).
+
+    vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the
+    VLLMSampler, for `load_weights`); otherwise transformers' `generate` on `model` (engine None).
+    """
+    if use_vllm and torch.cuda.is_available() and path != "tiny":
+        try:
+            engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed)
+            return engine.generate, engine
+        except ImportError:
+            print("vLLM is not installed: sampling with transformers' generate")
+    return (lambda ids, **kw: generate(model, tokenizer, ids, **kw)), None
 
 
 # ------------------------------------------------------------------------------ seeding, saving, logs

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, VLLMSampler, collate, device_and_dtype, encode, generate, load_model, load_puzzles,
-                    load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint, rng_state, run,
+from common import (InputError, collate, device_and_dtype, encode, load_model, load_puzzles, load_tokenizer,
+                    load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint, rng_state, run,
                     save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
@@ -155,13 +155,7 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-    vllm = None
-    if args.vllm and device == "cuda" and args.model != "tiny":
-        try:
-            vllm = VLLMSampler(str(source), tokenizer, args.vllm_memory, seed=args.seed)
-        except ImportError:
-            print("vLLM is not installed: sampling with transformers' generate")
-    sample = vllm.generate if vllm else lambda ids, **kw: generate(model, tokenizer, ids, **kw)
+    sample, vllm = make_sampler(model, tokenizer, str(source), args.vllm, args.vllm_memory, seed=args.seed)
 
     def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
         return _Visit(m, device)

@@ -1,0 +1,330 @@
+"""Evaluation (spec §1.5, §2.3): Countdown scores and UltraFeedback win rates, every setting written beside them.
+
+    python evaluate.py --model out/rloo                                      # Countdown-Tasks-3to4 rows 327 680…, greedy
+    python evaluate.py --model out/rloo --samples 8 --temperature 1.0        # pass@1…8 from 8 samples
+    python evaluate.py --model out/sft --best-of 1,3,5,10 --temperatures 0.3,0.7,1.0   # best-of-N sweep (report 001)
+    python evaluate.py --model out/sft --tool                                # calculator answer in the prompt (report 000)
+    python evaluate.py --responses leaderboard.jsonl                         # score a file of {num, target, response}
+    python evaluate.py --task ultrafeedback --model out/dpo --judge out/rm   # win rate vs Qwen2.5-0.5B-Instruct
+    NVIDIA_API_KEY=... python evaluate.py --task ultrafeedback --model out/dpo --judge nemotron
+
+Countdown: per prompt the scores 0 / 0.1 / 1 of compute_score (a bare response scored as the original
+evaluation did); mean score, accuracy (share of 1.0), format rate (share > 0), pass@k by the unbiased
+estimator 1 − C(n−c, k)/C(n, k), each with a 95% interval. Best-of-N (keep the sample the rule
+verifier scores highest) and tool-augmented numbers go in their own labelled rows, never mixed with
+model-only ones. Writes results.json, results.md, per_prompt.jsonl and leaderboard.jsonl to --out-dir.
+
+UltraFeedback: the policy and the reference model answer the same prompts with the same sampling
+settings and the same chat template; a judge scores both; win rate = (wins + ½ ties) / prompts.
+Nemotron judgements are cached on disk (an interrupted run never asks twice); the API key is read
+from an environment variable and never printed or written.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calculator import solve
+from common import (InputError, encode, load_model, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
+                    seed_everything)
+from countdown_reward import score_response, warmstart_query
+
+
+@dataclass
+class Args:
+    model: str = "out/rloo"           # the policy: hub id, model directory, run directory, or `tiny`
+    task: str = "countdown"           # countdown | ultrafeedback
+    out_dir: str = "out/eval"         # results.json, results.md, per_prompt.jsonl, leaderboard.jsonl
+    puzzles: str = "hub"              # Countdown prompts: hub | generated | a .json/.jsonl of {num(s), target}
+    n: int = 1024                     # prompts
+    skip: int = 327_680               # first hub/file row (TinyZero's split: its test rows follow the first 327 680)
+    seed: int = 0                     # seeds `generated` puzzles and sampling
+    responses: str = ""               # score this .jsonl of {num(s), target, response} instead of sampling a model
+    samples: int = 1                  # samples per prompt (pass@k for k ≤ samples)
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0                # nucleus sampling
+    max_new_tokens: int = 1024        # completion length limit
+    best_of: str = ""                 # best-of-N with the rule verifier, e.g. "1,3,5,10"
+    temperatures: str = ""            # best-of-N sweep temperatures, e.g. "0.3,0.7,1.0" (default: --temperature)
+    tool: bool = False                # also report tool-augmented rows: the calculator's answer in the prompt
+    batch_size: int = 64              # prompts per generate call (transformers)
+    vllm: bool = True                 # sample with vLLM when installed and on CUDA
+    prompts: str = "ultrafeedback"    # UltraFeedback prompts: ultrafeedback (test_prefs) | a .jsonl with "prompt"
+    reference: str = "Qwen/Qwen2.5-0.5B-Instruct"  # the model the policy is compared with
+    judge: str = "nemotron"           # nemotron (API) | a reward model directory (reward_model.py)
+    judge_url: str = "https://integrate.api.nvidia.com/v1"  # OpenAI-compatible base URL of the judge
+    judge_model: str = "nvidia/llama-3.1-nemotron-70b-reward"  # model name sent to the judge
+    api_key_env: str = "NVIDIA_API_KEY"  # environment variable holding the judge's API key
+
+
+# -------------------------------------------------------------------------------- Countdown metrics
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_ci(values):
+    """Mean and a 95% normal-approximation interval half-width (0 for fewer than two values)."""
+    values = np.asarray(values, dtype=float)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(half)
+
+
+def countdown_metrics(scores):
+    """Metrics of a (prompts, samples) array of 0 / 0.1 / 1 scores, each as (value, 95% half-width).
+
+    score, acc and format are averaged over all samples; pass@k per prompt, then over prompts.
+    """
+    scores = np.asarray(scores, dtype=float)
+    n = scores.shape[1]
+    correct = (scores == 1.0).sum(1)
+    out = {"score": mean_ci(scores.mean(1)), "acc": mean_ci((scores == 1.0).mean(1)),
+           "format": mean_ci((scores > 0).mean(1))}
+    for k in sorted({1, 2, 4, 8, 16, 32, 64, n} & set(range(1, n + 1))):
+        out[f"pass@{k}"] = mean_ci([pass_at_k(n, c, k) for c in correct])
+    return out
+
+
+def best_of_n(scores, n):
+    """Best-of-N with the rule verifier: per prompt, the highest score among the first n draws."""
+    return np.asarray(scores, dtype=float)[:, :n].max(1)
+
+
+def tool_prompt(numbers, target):
+    """The WarmStart prompt with the calculator's answer placed before the assistant turn (report 000)."""
+    query = warmstart_query(numbers, target)
+    head, tail = query.rsplit("\nAssistant:", 1)
+    answer = solve(list(numbers), int(target), timeout=5)
+    hint = f"The correct answer is <answer>{answer}</answer>." if answer else "The calculator found no answer."
+    return f"{head}\n{hint}\nAssistant:{tail}"
+
+
+# --------------------------------------------------------------------------------------- Countdown
+
+def sample_responses(sample, tokenizer, prompts, args, n, temperature):
+    """n responses per prompt text, as decoded strings: a (prompts, n) list of lists."""
+    ids = [encode(tokenizer, p)["input_ids"] for p in prompts for _ in range(n)]
+    completions, _ = sample(ids, max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    return [texts[i:i + n] for i in range(0, len(texts), n)]
+
+
+def settings(args, temperature, samples):
+    return {"temperature": temperature, "top_p": args.top_p if temperature > 0 else 1.0, "samples": samples,
+            "max_new_tokens": args.max_new_tokens, "decoding": "greedy" if temperature == 0 else "sampled"}
+
+
+def countdown(args, out_dir):
+    if args.responses:
+        rows = read_jsonl(args.responses, required=("target", "response"))
+        groups = {}
+        for row in rows:
+            key = (tuple(row.get("num", row.get("nums", row.get("numbers", [])))), int(row["target"]))
+            groups.setdefault(key, []).append(row["response"])
+        puzzles = [{"nums": list(k[0]), "target": k[1]} for k in groups]
+        responses, table = list(groups.values()), []
+        if len({len(r) for r in responses}) != 1:
+            raise InputError(f"{args.responses}: every puzzle needs the same number of responses")
+        sample = tokenizer = None
+        if args.best_of or args.tool:
+            raise InputError("--best-of and --tool sample a model: they do not combine with --responses")
+    else:
+        puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=args.skip)
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, tokenizer, seed=args.seed)
+        sample, _ = make_sampler(model, tokenizer, args.model, args.vllm, seed=args.seed)
+        queries = [warmstart_query(p["nums"], p["target"]) for p in puzzles]
+        responses = sample_responses(sample, tokenizer, queries, args, args.samples, args.temperature)
+    scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, responses)]
+    rows = [{"label": "model", **settings(args, args.temperature, len(scores[0])), **countdown_metrics(scores)}]
+
+    if args.best_of and sample:
+        for temperature in [float(t) for t in (args.temperatures or str(args.temperature)).split(",")]:
+            ns = sorted(int(x) for x in args.best_of.split(","))
+            draws = sample_responses(sample, tokenizer, queries, args, max(ns), temperature)
+            draw_scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, draws)]
+            for n in ns:
+                best = best_of_n(draw_scores, n)
+                rows.append({"label": f"best-of-{n} (rule verifier)", **settings(args, temperature, n),
+                             "score": mean_ci(best), "acc": mean_ci(best == 1.0), "format": mean_ci(best > 0)})
+    if args.tool and sample:
+        tool_responses = sample_responses(sample, tokenizer, [tool_prompt(p["nums"], p["target"]) for p in puzzles],
+                                          args, args.samples, args.temperature)
+        tool_scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, tool_responses)]
+        rows.append({"label": "tool-augmented (calculator answer in prompt)",
+                     **settings(args, args.temperature, args.samples), **countdown_metrics(tool_scores)})
+
+    with open(out_dir / "per_prompt.jsonl", "w") as f:
+        for p, rs, ss in zip(puzzles, responses, scores):
+            f.write(json.dumps({"nums": p["nums"], "target": p["target"], "responses": rs, "scores": ss}) + "\n")
+    with open(out_dir / "leaderboard.jsonl", "w") as f:
+        for p, rs in zip(puzzles, responses):
+            f.write(json.dumps({"num": p["nums"], "target": p["target"], "response": rs[0]}) + "\n")
+    source = args.responses or (f"generated (seed {args.seed})" if args.puzzles == "generated" else f"{args.puzzles} rows {args.skip}…")
+    return rows, {"prompts": len(puzzles), "source": source}
+
+
+# ------------------------------------------------------------------------------------ UltraFeedback
+
+class NemotronJudge:
+    """Rewards from an OpenAI-compatible chat-completions endpoint that answers "reward:<float>".
+
+    Retries 429 and 5xx with exponential back-off; every judgement is appended to a JSONL cache at
+    once, so an interrupted run resumes without asking twice. The key lives only in the request header.
+    """
+
+    REPLY = re.compile(r"^\s*reward\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*$")
+
+    def __init__(self, base_url, model, api_key, cache_path, retries=6, backoff=1.0):
+        self.url, self.model, self.key = base_url.rstrip("/") + "/chat/completions", model, api_key
+        self.cache_path, self.retries, self.backoff = Path(cache_path), retries, backoff
+        self.cache = {}
+        if self.cache_path.exists():
+            for row in read_jsonl(self.cache_path):
+                self.cache[row["key"]] = row["reward"]
+
+    def reward(self, prompt, response):
+        key = hashlib.sha256(json.dumps([self.model, prompt, response]).encode()).hexdigest()
+        if key not in self.cache:
+            self.cache[key] = self._ask(prompt, response)
+            with open(self.cache_path, "a") as f:
+                f.write(json.dumps({"key": key, "reward": self.cache[key]}) + "\n")
+        return self.cache[key]
+
+    def _ask(self, prompt, response):
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt},
+                                                             {"role": "assistant", "content": response}]}).encode()
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json",
+                                                                        "Authorization": f"Bearer {self.key}"})
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=120) as reply:
+                    content = json.loads(reply.read())["choices"][0]["message"]["content"]
+                break
+            except urllib.error.HTTPError as e:
+                if (e.code == 429 or e.code >= 500) and attempt < self.retries:
+                    time.sleep(float(e.headers.get("Retry-After") or self.backoff * 2 ** attempt))
+                    continue
+                raise InputError(f"judge at {self.url}: HTTP {e.code} {e.reason}") from None
+            except urllib.error.URLError as e:
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise InputError(f"judge at {self.url}: cannot connect ({e.reason})") from None
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+                raise InputError(f"judge at {self.url}: reply is not a chat completion") from None
+        match = self.REPLY.match(content or "")
+        if not match:
+            raise InputError(f"judge at {self.url}: expected 'reward:<number>', got {str(content)[:80]!r}")
+        return float(match.group(1))
+
+
+def win_rate(policy_rewards, reference_rewards):
+    """(wins + ½ ties) / n with a 95% interval, and the counts."""
+    p, r = np.asarray(policy_rewards, dtype=float), np.asarray(reference_rewards, dtype=float)
+    outcome = (p > r) + 0.5 * (p == r)
+    return {"win_rate": mean_ci(outcome), "wins": int((p > r).sum()), "ties": int((p == r).sum()),
+            "losses": int((p < r).sum())}
+
+
+def ultrafeedback(args, out_dir):
+    if args.prompts == "ultrafeedback":
+        from datasets import load_dataset
+        prompts = list(load_dataset("HuggingFaceH4/ultrafeedback_binarized", split="test_prefs")["prompt"][:args.n])
+    else:
+        prompts = [r["prompt"] for r in read_jsonl(args.prompts, required=("prompt",))][:args.n]
+    if args.judge == "nemotron":
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise InputError(f"the judge needs an API key in the environment variable {args.api_key_env}")
+        judge = NemotronJudge(args.judge_url, args.judge_model, key, out_dir / "judge_cache.jsonl")
+        rewards = lambda responses: [judge.reward(p, r) for p, r in zip(prompts, responses)]
+    else:
+        import reward_model
+        rm, rm_tokenizer = reward_model.load(args.judge)
+        rewards = lambda responses: reward_model.score(rm, rm_tokenizer, prompts, responses).tolist()
+
+    answers = {}
+    for name in (args.model, args.reference):  # same prompts, template and sampling settings for both
+        tokenizer = load_tokenizer(name)
+        model = load_model(name, tokenizer, seed=args.seed)
+        sample, _ = make_sampler(model, tokenizer, name, args.vllm, seed=args.seed)
+        ids = [encode(tokenizer, p, chat=True)["input_ids"] for p in prompts]
+        completions, _ = sample(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        answers[name] = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+        del model, sample
+    policy, reference = rewards(answers[args.model]), rewards(answers[args.reference])
+    with open(out_dir / "per_prompt.jsonl", "w") as f:
+        for row in zip(prompts, answers[args.model], answers[args.reference], policy, reference):
+            f.write(json.dumps(dict(zip(("prompt", "response", "reference_response", "reward", "reference_reward"), row))) + "\n")
+    with open(out_dir / "leaderboard.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(prompts, answers[args.model]))
+    row = {"label": f"win rate vs {args.reference}", **settings(args, args.temperature, 1), **win_rate(policy, reference)}
+    return [row], {"prompts": len(prompts), "judge": args.judge if args.judge != "nemotron" else args.judge_model}
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def markdown(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], tuple)))
+    head = ["label", "decoding", "T", "top-p", "samples", "max tokens", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], r["decoding"], f"{r['temperature']:g}", f"{r['top_p']:g}", str(r["samples"]), str(r["max_new_tokens"])]
+        cells += [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_best_of(rows, path):
+    """Accuracy against N, one line per temperature, when best-of-N rows exist and matplotlib is installed."""
+    best = [r for r in rows if r["label"].startswith("best-of")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not best:
+        return
+    for t in sorted({r["temperature"] for r in best}):
+        line = [r for r in best if r["temperature"] == t]
+        plt.errorbar([r["samples"] for r in line], [r["acc"][0] for r in line], [r["acc"][1] for r in line],
+                     marker="o", capsize=3, label=f"T {t:g}")
+    plt.xlabel("N (samples, best kept by the rule verifier)")
+    plt.ylabel("accuracy")
+    plt.legend()
+    plt.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close()
+
+
+def main(args):
+    seed_everything(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.task not in ("countdown", "ultrafeedback"):
+        raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
+    rows, about = (countdown if args.task == "countdown" else ultrafeedback)(args, out_dir)
+    results = {"task": args.task, "model": None if args.responses else args.model, **about, "rows": rows,
+               "args": asdict(args)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(rows)
+    header = " | ".join(f"{k}: {v}" for k, v in {"task": args.task, "model": results["model"], **about}.items() if v)
+    (out_dir / "results.md").write_text(f"{header}\n\n{table}")
+    plot_best_of(rows, out_dir / "best_of.png")
+    print(table, end="")
+    return results
+
+
+if __name__ == "__main__":
+    run(main, Args)

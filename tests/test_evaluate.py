@@ -1,0 +1,176 @@
+"""evaluate.py: hand-computed Countdown metrics, best-of-N, the tool prompt, the judge client, output files."""
+import json
+import math
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate
+from countdown_reward import score_response
+
+RIGHT91, WRONG91 = "<think>\n36 - 32 = 4\n</think>\n<answer>95 - (36 - 32)</answer>", "<answer>95 - 36 - 32</answer>"
+
+
+def test_pass_at_k_by_hand():
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)   # 1 − C(3,2)/C(5,2)
+    assert evaluate.pass_at_k(5, 0, 3) == 0 and evaluate.pass_at_k(5, 4, 2) == 1
+    assert evaluate.pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
+
+
+def test_metrics_of_a_fixed_response_file_match_hand_values(tmp_path):
+    rows = [{"num": [95, 36, 32], "target": 91, "response": RIGHT91},                     # 1
+            {"num": [95, 36, 32], "target": 91, "response": WRONG91},                     # 0.1
+            {"num": [6, 1, 3, 4], "target": 24, "response": "<answer>6 / (1 - 3 / 4)</answer>"},  # 1
+            {"num": [6, 1, 3, 4], "target": 24, "response": "<answer>(6 / (1 - 3 / 4))</answer>\n"},  # 1 (stripped)
+            {"num": [1, 2, 3], "target": 6, "response": "no idea"},                       # 0
+            {"num": [1, 2, 3], "target": 6, "response": "<answer>1 + 2</answer>"}]         # 0.1
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = evaluate.main(evaluate.Args(responses=str(path), out_dir=str(tmp_path / "o")))
+    m = results["rows"][0]
+    per_prompt = [0.55, 1.0, 0.05]
+    assert m["score"][0] == pytest.approx(sum(per_prompt) / 3)
+    mean = sum(per_prompt) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / 2)
+    assert m["score"][1] == pytest.approx(1.96 * sd / math.sqrt(3))
+    assert m["acc"][0] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert m["format"][0] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["pass@1"][0] == pytest.approx(0.5)
+    assert m["pass@2"][0] == pytest.approx(2 / 3)
+    assert m["samples"] == 2 and results["prompts"] == 3
+    leaderboard = [json.loads(line) for line in (tmp_path / "o" / "leaderboard.jsonl").read_text().splitlines()]
+    assert leaderboard[0] == {"num": [95, 36, 32], "target": 91, "response": RIGHT91}
+
+
+def test_best_of_n_is_never_below_the_first_sample_and_grows_with_n():
+    rng = np.random.default_rng(0)
+    scores = rng.choice([0.0, 0.1, 1.0], size=(200, 8))
+    previous = scores[:, 0]
+    for n in range(1, 9):
+        best = evaluate.best_of_n(scores, n)
+        assert (best >= scores[:, 0]).all() and (best >= previous).all()
+        previous = best
+    assert (evaluate.best_of_n(scores, 8) == scores.max(1)).all()
+
+
+def test_tool_prompt_carries_a_solution_that_scores_one():
+    prompt = evaluate.tool_prompt([6, 1, 3, 4], 24)
+    hint = re.search(r"The correct answer is (<answer>.*</answer>)\.", prompt).group(1)
+    assert score_response(hint, {"target": 24, "nums": [6, 1, 3, 4]}) == 1.0
+    assert prompt.endswith("\nAssistant: Let me solve this step by step.")
+    assert prompt.index("The correct answer") < prompt.index("Assistant:")
+
+
+def test_win_rate_counts_ties_as_half():
+    r = evaluate.win_rate([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0])
+    assert (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
+    assert r["win_rate"][0] == pytest.approx(2.5 / 4)
+
+
+# -------------------------------------------------------------------------------- the judge client
+
+class Judge(BaseHTTPRequestHandler):
+    plan, seen = [], []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Judge.seen.append((self.headers.get("Authorization"), body))
+        status, content = Judge.plan.pop(0)
+        payload = content if isinstance(content, bytes) else json.dumps(
+            {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy set in the environment must not see this traffic
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = HTTPServer(("127.0.0.1", 0), Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Judge.plan, Judge.seen = [], []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+SECRET = "nvapi-test-secret-do-not-leak"
+
+
+def test_judge_parses_retries_caches_and_never_leaks_the_key(judge_server, tmp_path, capsys):
+    cache = tmp_path / "cache.jsonl"
+    Judge.plan = [(200, "reward:-19.875"), (429, "slow down"), (200, "reward:3.5"), (200, "I think it is good")]
+    judge = evaluate.NemotronJudge(judge_server, "nemotron", SECRET, cache, backoff=0.01)
+    assert judge.reward("p1", "r1") == -19.875                 # a normal reply
+    assert judge.reward("p1", "r1") == -19.875                 # cached: not asked twice
+    assert judge.reward("p2", "r2") == 3.5                     # a 429, then success
+    with pytest.raises(common.InputError, match="expected 'reward:<number>'"):
+        judge.reward("p3", "r3")                               # a malformed reply: a clear error
+    assert len(Judge.seen) == 4
+    assert Judge.seen[0][0] == f"Bearer {SECRET}"
+    assert Judge.seen[0][1]["messages"] == [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "r1"}]
+    resumed = evaluate.NemotronJudge(judge_server, "nemotron", SECRET, cache)
+    assert resumed.reward("p1", "r1") == -19.875 and resumed.reward("p2", "r2") == 3.5   # earlier judgements kept
+    assert len(Judge.seen) == 4
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err and SECRET not in cache.read_text()
+
+
+def test_server_errors_after_retries_are_one_clear_error(judge_server, tmp_path):
+    Judge.plan = [(503, "down")] * 3
+    judge = evaluate.NemotronJudge(judge_server, "nemotron", SECRET, tmp_path / "c.jsonl", retries=2, backoff=0.01)
+    with pytest.raises(common.InputError, match="HTTP 503") as e:
+        judge.reward("p", "r")
+    assert SECRET not in str(e.value)
+
+
+def test_missing_api_key_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(common.InputError, match="NO_SUCH_KEY_VAR"):
+        evaluate.main(evaluate.Args(task="ultrafeedback", prompts=str(prompts), api_key_env="NO_SUCH_KEY_VAR",
+                                    out_dir=str(tmp_path / "o")))
+
+
+# ---------------------------------------------------------------------------------- whole paths
+
+def test_tiny_countdown_run_writes_every_output(tmp_path):
+    results = evaluate.main(evaluate.Args(model="tiny", puzzles="generated", n=6, samples=2, temperature=1.0,
+                                          max_new_tokens=12, best_of="1,2", tool=True, out_dir=str(tmp_path)))
+    for name in ("results.json", "results.md", "per_prompt.jsonl", "leaderboard.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    labels = [r["label"] for r in results["rows"]]
+    assert labels == ["model", "best-of-1 (rule verifier)", "best-of-2 (rule verifier)",
+                      "tool-augmented (calculator answer in prompt)"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["temperature"] == 1.0 and saved["rows"][0]["max_new_tokens"] == 12
+    assert len((tmp_path / "leaderboard.jsonl").read_text().splitlines()) == 6
+
+
+def test_tiny_ultrafeedback_run_with_a_local_judge(tmp_path, tokenizer):
+    policy = common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu", seed=1)
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    rm = common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu", seed=2, reward=True)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(5)))
+    results = evaluate.main(evaluate.Args(task="ultrafeedback", model=str(tmp_path / "policy"), reference="tiny",
+                                          judge=str(tmp_path / "rm"), prompts=str(prompts), temperature=1.0,
+                                          max_new_tokens=8, out_dir=str(tmp_path / "o")))
+    row = results["rows"][0]
+    assert row["wins"] + row["ties"] + row["losses"] == 5 and 0 <= row["win_rate"][0] <= 1
+    per_prompt = [json.loads(line) for line in (tmp_path / "o" / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(per_prompt) == 5 and {"response", "reference_response", "reward", "reference_reward"} <= set(per_prompt[0])
