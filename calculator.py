@@ -26,6 +26,7 @@ import math
 import random
 import sys
 import time
+import zlib
 from fractions import Fraction
 from math import gcd
 
@@ -226,7 +227,20 @@ def solve(numbers, target, timeout=None, fractions=True):
 
 # ----------------------------------------------------------------------------------------- puzzles
 
-def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_uniform=False, fractional=False):
+SHAPES = {  # named puzzle distributions for make_puzzles; "NAME:train" / "NAME:test" pick a split (see held_out)
+    "3to4": dict(),                                                              # Jiayi-Pan/Countdown-Tasks-3to4
+    "easy": dict(count=(3, 3), low=1, high=9, target=(1, 50)),                   # the tiny pipeline's puzzles
+    "course": dict(count=(3, 6), low=1, high=999_999, target=(1, 999_999), log_uniform=True),  # course held-out
+}
+
+
+def held_out(nums, target):
+    """True for the puzzles of the test split: a stable hash of (sorted numbers, target), 1 in 10."""
+    return zlib.crc32(f"{sorted(int(n) for n in nums)}|{int(target)}".encode()) % 10 == 0
+
+
+def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_uniform=False, fractional=False,
+                 split=None):
     """n solvable puzzles {"target", "nums"}, like Jiayi-Pan/Countdown-Tasks-3to4 by default.
 
     Each puzzle is `count` numbers uniform in [low, high] combined by a random expression tree of
@@ -234,7 +248,9 @@ def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_un
     solvable with all its numbers. log_uniform=True draws numbers log-uniformly in [low, high]
     (as many 2-digit as 6-digit numbers, like the course's held-out set). fractional=True keeps only trees with a non-integer intermediate
     value (most of those puzzles also have an integer-only solution; `solve(..., fractions=False)`
-    tells which do not). Deterministic in `seed`; the global `random` state is left alone.
+    tells which do not). split="train" / "test" keeps only puzzles outside / inside the held-out
+    tenth (`held_out`), so a test set is disjoint from any training set drawn with any seed.
+    Deterministic in `seed`; the global `random` state is left alone.
     """
     rng = random.Random(seed)
     puzzles = []
@@ -250,8 +266,17 @@ def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_un
             saw_fraction |= values[-1].denominator != 1
         value = values[0]
         if value.denominator == 1 and target[0] <= value <= target[1] and saw_fraction >= fractional:
-            puzzles.append({"target": int(value), "nums": nums})
+            if split is None or held_out(nums, value) == (split == "test"):
+                puzzles.append({"target": int(value), "nums": nums})
     return puzzles
+
+
+def puzzles_from_spec(spec, n, seed):
+    """make_puzzles from a name: "3to4", "easy", "course", optionally with ":train" or ":test"."""
+    name, _, split = spec.partition(":")
+    if name not in SHAPES or split not in ("", "train", "test"):
+        raise ValueError(f"puzzle shape {spec!r}: use one of {sorted(SHAPES)}, optionally with :train or :test")
+    return make_puzzles(n, seed, **SHAPES[name], split=split or None)
 
 
 def _fmt(q, operand=False):
@@ -276,17 +301,53 @@ def solution_steps(expression):
     return steps
 
 
-def warmstart_completion(expression):
-    """A WarmStart-style completion: a short <think> trace of the steps, then the <answer> line."""
-    think = "\n".join(solution_steps(expression))
+def _random_attempt(numbers, rng):
+    """The steps of a random expression over all the numbers (a wrong guess to try first), and its value."""
+    values, steps = [Fraction(n) for n in numbers], []
+    while len(values) > 1:
+        a, b = (values.pop(rng.randrange(len(values))) for _ in range(2))
+        a, b = max(a, b), min(a, b)                     # subtract and divide the larger by the smaller
+        op = rng.choice("+-*/" if b != 0 else "+-*")
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        steps.append(f"{_fmt(a, operand=True)} {op} {_fmt(b, operand=True)} = {_fmt(value)}")
+        values.append(value)
+    return steps, values[0]
+
+
+def warmstart_completion(expression, numbers=(), target=None, wrong=0, rng=None):
+    """A WarmStart-style completion: a <think> trace of attempts, each checked against the target, then the answer.
+
+    `wrong` random attempts that miss come first (like the real WarmStart data's backtracking and
+    verification), each with honest arithmetic and its verdict; then the solution's steps:
+        <think>
+        8 * 5 = 40, 40 - 6 = 34, not 38.
+        8 * 6 = 48, 48 - 5 = 43, not 38.
+        6 * 5 = 30, 30 + 8 = 38, found it.
+        </think>
+        <answer>6 * 5 + 8</answer>
+    """
+    lines = []
+    for _ in range(wrong):
+        for _ in range(20):  # skip the rare right guess and repeated guesses
+            steps, value = _random_attempt(numbers, rng)
+            line = f"{', '.join(steps)}, not {target}."
+            if value != target and line not in lines:
+                lines.append(line)
+                break
+    lines.append(f"{', '.join(solution_steps(expression))}, found it.")
+    think = "\n".join(lines)
     return f"\n<think>\n{think}\n</think>\n<answer>{expression}</answer>"
 
 
-def synthetic_warmstart(n, seed, **puzzle_kwargs):
-    """n rows {"query", "completion"} in the WarmStart format (the offline cog_behav_all_strategies)."""
-    rows = []
-    for p in make_puzzles(n, seed, **puzzle_kwargs):
-        completion = warmstart_completion(solve(p["nums"], p["target"]))
+def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2):
+    """n rows {"query", "completion"} in the WarmStart format (the offline cog_behav_all_strategies).
+
+    Each completion tries 0 to max_wrong wrong guesses (uniformly) before the solution.
+    """
+    rng, rows = random.Random(seed), []
+    for p in puzzles_from_spec(shape, n, seed):
+        completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
+                                          wrong=rng.randint(0, max_wrong), rng=rng)
         rows.append({"query": warmstart_query(p["nums"], p["target"]), "completion": completion,
                      "nums": p["nums"], "target": p["target"]})
     return rows
@@ -302,6 +363,7 @@ def main(argv=None):
     parser.add_argument("--warmstart", metavar="FILE", help="write synthetic WarmStart JSONL rows here")
     parser.add_argument("--n", type=int, default=1000, help="rows for --warmstart")
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
+    parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test)")
     args = parser.parse_args(argv)
 
     def fail(message):
@@ -311,7 +373,10 @@ def main(argv=None):
     if args.warmstart:
         if args.n < 1:
             fail(f"--n must be positive, got {args.n}")
-        rows = synthetic_warmstart(args.n, args.seed)
+        try:
+            rows = synthetic_warmstart(args.n, args.seed, args.shape)
+        except ValueError as e:
+            fail(str(e))
         with open(args.warmstart, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"wrote {len(rows)} rows to {args.warmstart}")

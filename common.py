@@ -311,13 +311,17 @@ def preference_pairs(source, split="train_prefs"):
 def load_puzzles(source, n, seed=0, skip=0):
     """Countdown puzzles [{"target", "nums"}] from one of:
 
-    "generated": calculator.make_puzzles(n, seed), shaped like Countdown-Tasks-3to4 (offline);
+    a generated shape (calculator.SHAPES): "3to4" (like Countdown-Tasks-3to4), "easy", "course",
+    optionally split ("easy:train", "easy:test": disjoint by construction), seeded;
     "hub": Jiayi-Pan/Countdown-Tasks-3to4, rows skip … skip + n;
     a .json / .jsonl file of rows with "target" and "nums" (or the course's "num", or "numbers").
     """
-    if source == "generated":
-        from calculator import make_puzzles
-        return make_puzzles(n, seed)
+    from calculator import SHAPES, puzzles_from_spec
+    if source.partition(":")[0] in SHAPES:
+        try:
+            return puzzles_from_spec(source, n, seed)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if source == "hub":
         from datasets import load_dataset
         rows = load_dataset("Jiayi-Pan/Countdown-Tasks-3to4", split="train").select(range(skip, skip + n))
@@ -325,7 +329,7 @@ def load_puzzles(source, n, seed=0, skip=0):
         rows = read_jsonl(source) if str(source).endswith(".jsonl") else json.loads(Path(source).read_text())
         rows = rows[skip:skip + n]
     else:
-        raise InputError(f"puzzles {source!r}: use generated, hub, or a .json/.jsonl file")
+        raise InputError(f"puzzles {source!r}: use a shape ({', '.join(SHAPES)}), hub, or a .json/.jsonl file")
     puzzles = []
     for number, row in enumerate(rows, skip + 1):
         nums = next((row[k] for k in ("nums", "num", "numbers") if k in row), None)

@@ -55,7 +55,7 @@ class Args:
     save_every: int = 200             # steps between checkpoints
     seed: int = 0                     # seeds data order, the puzzles and pair sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
-    puzzles: str = "generated"        # Countdown prompts: generated | hub | a .json/.jsonl of {nums, target}
+    puzzles: str = "hub"              # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test) | a .jsonl
     pair_prompts: int = 2000          # puzzles sampled twice for Countdown pairs (ties are dropped)
     pair_temperature: float = 1.0     # sampling temperature of the pairs (spec: non-zero)
     pair_max_tokens: int = 1024       # max new tokens of a sampled completion
@@ -192,8 +192,9 @@ def main(args):
         held_pairs = preference_pairs(args.eval_data)
     elif args.data == "ultrafeedback":
         held_pairs = preference_pairs("ultrafeedback", split="test_prefs")
-    else:
-        pairs, held_pairs = pairs[:-args.eval_rows], pairs[-args.eval_rows:]
+    else:  # hold out the last eval_rows pairs, at most a tenth of them
+        n_held = min(args.eval_rows, len(pairs) // 10)
+        pairs, held_pairs = pairs[:len(pairs) - n_held], pairs[len(pairs) - n_held:]
     held_pairs = held_pairs[:args.eval_rows]
     if args.rlaif_model:
         pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_min)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calculator import solve
+from calculator import SHAPES, solve
 from common import (InputError, encode, load_model, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
                     seed_everything)
 from countdown_reward import score_response, warmstart_query
@@ -44,7 +44,7 @@ class Args:
     model: str = "out/rloo"           # the policy: hub id, model directory, run directory, or `tiny`
     task: str = "countdown"           # countdown | ultrafeedback
     out_dir: str = "out/eval"         # results.json, results.md, per_prompt.jsonl, leaderboard.jsonl
-    puzzles: str = "hub"              # Countdown prompts: hub | generated | a .json/.jsonl of {num(s), target}
+    puzzles: str = "hub"              # Countdown prompts: hub | a shape (3to4, easy, course; :train/:test) | a .json/.jsonl
     n: int = 1024                     # prompts
     skip: int = 327_680               # first hub/file row (TinyZero's split: its test rows follow the first 327 680)
     seed: int = 0                     # seeds `generated` puzzles and sampling
@@ -64,6 +64,7 @@ class Args:
     judge_url: str = "https://integrate.api.nvidia.com/v1"  # OpenAI-compatible base URL of the judge
     judge_model: str = "nvidia/llama-3.1-nemotron-70b-reward"  # model name sent to the judge
     api_key_env: str = "NVIDIA_API_KEY"  # environment variable holding the judge's API key
+    collect: str = ""                 # run directories (comma-separated) of tiny_pipeline.sh: one table over their evals
 
 
 # -------------------------------------------------------------------------------- Countdown metrics
@@ -170,7 +171,8 @@ def countdown(args, out_dir):
     with open(out_dir / "leaderboard.jsonl", "w") as f:
         for p, rs in zip(puzzles, responses):
             f.write(json.dumps({"num": p["nums"], "target": p["target"], "response": rs[0]}) + "\n")
-    source = args.responses or (f"generated (seed {args.seed})" if args.puzzles == "generated" else f"{args.puzzles} rows {args.skip}…")
+    generated = args.puzzles.partition(":")[0] in SHAPES
+    source = args.responses or (f"{args.puzzles} (seed {args.seed})" if generated else f"{args.puzzles} rows {args.skip}…")
     return rows, {"prompts": len(puzzles), "source": source}
 
 
@@ -308,7 +310,72 @@ def plot_best_of(rows, path):
     plt.close()
 
 
+def collect(run_dirs, out_dir):
+    """One table of the evaluations under each run directory (RUN/eval/NAME/results.json).
+
+    One run: each value ± its 95% interval. Several runs (seeds): mean ± standard deviation over runs.
+    Also training curves (loss, reward, accuracy, KL against step) when matplotlib is installed.
+    """
+    runs = [Path(d) for d in run_dirs]
+    names = sorted({p.parent.name for r in runs for p in (r / "eval").glob("*/results.json")}, key=_stage_order)
+    if not names:
+        raise InputError(f"no eval/*/results.json under {', '.join(map(str, runs))}")
+    keys = ("score", "acc", "format")
+    lines = [f"| model | decoding | T | max tokens | {' | '.join(keys)} |", "|---|---|---|---|" + "---|" * len(keys)]
+    for name in names:
+        rows = [json.loads((r / "eval" / name / "results.json").read_text())["rows"][0] for r in runs]
+        cells = []
+        for k in keys:
+            values = [row[k][0] for row in rows]
+            cells.append(f"{values[0]:.3f} ± {rows[0][k][1]:.3f}" if len(runs) == 1 else
+                         f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
+        r = rows[0]
+        lines.append(f"| {name} | {r['decoding']} | {r['temperature']:g} | {r['max_new_tokens']} | {' | '.join(cells)} |")
+    spread = "± 95% interval" if len(runs) == 1 else f"mean ± sd over {len(runs)} runs"
+    table = f"{spread}; {rows[0]['samples']} sample(s) per prompt, {json.loads((runs[0] / 'eval' / names[0] / 'results.json').read_text())['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(table)
+    print(table, end="")
+    plot_curves(runs[0], out_dir / "curves.png")
+    return table
+
+
+def _stage_order(name):
+    stage, _, decoding = name.partition("-")
+    return (["base", "sft", "rloo", "dpo"].index(stage) if stage in ("base", "sft", "rloo", "dpo") else 9, decoding)
+
+
+def plot_curves(run, path):
+    """Loss, reward, accuracy and KL against step for the trainers of one run (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = [("loss", ["loss", "eval_loss"]), ("reward", ["reward", "eval_reward"]), ("accuracy", ["acc", "eval_acc"]),
+              ("KL", ["kl"])]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for stage in ("sft", "rloo", "dpo"):
+        path_ = run / stage / "metrics.jsonl"
+        records = [json.loads(line) for line in path_.read_text().splitlines()] if path_.exists() else []
+        for ax, (title, keys) in zip(axes, panels):
+            for key in keys:
+                points = [(m["step"], m[key]) for m in records if key in m]
+                if points:
+                    ax.plot(*zip(*points), marker="." if key.startswith("eval") else None, label=f"{stage} {key}")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(args):
+    if args.collect:
+        return collect(args.collect.split(","), Path(args.out_dir))
     seed_everything(args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

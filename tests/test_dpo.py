@@ -84,7 +84,7 @@ def test_countdown_pairs_are_labelled_by_the_rule_reward_and_ties_dropped():
 
 
 def test_countdown_pairs_are_built_from_samples_and_cached(tmp_path, capsys):
-    args = dpo.Args(model="tiny", data="countdown", pair_prompts=12, pair_max_tokens=24, eval_rows=2, batch_size=2,
+    args = dpo.Args(model="tiny", data="countdown", puzzles="3to4:train", pair_prompts=12, pair_max_tokens=24, eval_rows=2, batch_size=2,
                     grad_accum=1, steps=1, out_dir=str(tmp_path / "o"))
     tokenizer = common.load_tokenizer("tiny")
     model = common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu")

@@ -146,7 +146,7 @@ def test_missing_api_key_names_the_variable(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------- whole paths
 
 def test_tiny_countdown_run_writes_every_output(tmp_path):
-    results = evaluate.main(evaluate.Args(model="tiny", puzzles="generated", n=6, samples=2, temperature=1.0,
+    results = evaluate.main(evaluate.Args(model="tiny", puzzles="3to4:test", n=6, samples=2, temperature=1.0,
                                           max_new_tokens=12, best_of="1,2", tool=True, out_dir=str(tmp_path)))
     for name in ("results.json", "results.md", "per_prompt.jsonl", "leaderboard.jsonl"):
         assert (tmp_path / name).stat().st_size > 0

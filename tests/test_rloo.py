@@ -67,7 +67,7 @@ def metrics(out_dir):
 
 def test_rloo_raises_a_simple_verifiable_reward(tmp_path, monkeypatch):
     monkeypatch.setattr(rloo, "score_completions", digit_share)
-    rloo.main(rloo.Args(model="tiny", n_prompts=64, eval_prompts=0, k=8, prompts_per_step=4, micro_prompts=4, steps=40,
+    rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", n_prompts=64, eval_prompts=0, k=8, prompts_per_step=4, micro_prompts=4, steps=40,
                         lr=2e-3, kl_coef=0.0, max_new_tokens=12, eval_every=0, sample_every=0, out_dir=str(tmp_path)))
     rewards = [m["reward"] for m in metrics(tmp_path) if "reward" in m]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -82,7 +82,7 @@ def test_kl_is_zero_at_the_start_and_logprobs_use_the_sampling_temperature(tmp_p
         temperatures.append(kwargs.get("temperature"))
         return real(*args, **kwargs)
     monkeypatch.setattr(rloo, "sequence_logprobs", spy)
-    rloo.main(rloo.Args(model="tiny", n_prompts=8, eval_prompts=0, k=4, prompts_per_step=2, micro_prompts=1, steps=1,
+    rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", n_prompts=8, eval_prompts=0, k=4, prompts_per_step=2, micro_prompts=1, steps=1,
                         lr=1e-3, kl_coef=0.1, temperature=0.7, max_new_tokens=8, eval_every=0, out_dir=str(tmp_path)))
     assert temperatures and set(temperatures) == {0.7}          # π_θ and π_ref, every call
     assert len(temperatures) == 4                               # 2 π_ref + 2 π_θ passes: no extra "old log-prob" pass
@@ -90,7 +90,7 @@ def test_kl_is_zero_at_the_start_and_logprobs_use_the_sampling_temperature(tmp_p
 
 
 def test_countdown_smoke_run_completes_with_every_metric(tmp_path):
-    rloo.main(rloo.Args(model="tiny", n_prompts=16, eval_prompts=4, k=4, prompts_per_step=2, micro_prompts=2,
+    rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", n_prompts=16, eval_prompts=4, k=4, prompts_per_step=2, micro_prompts=2,
                                    steps=2, lr=1e-4, max_new_tokens=16, eval_every=2, sample_every=1, save_every=1,
                                    out_dir=str(tmp_path)))
     logged = metrics(tmp_path)
@@ -102,7 +102,7 @@ def test_countdown_smoke_run_completes_with_every_metric(tmp_path):
 
 def test_k_below_2_is_a_clear_error():
     with pytest.raises(rloo.InputError, match="K ≥ 2"):
-        rloo.main(rloo.Args(model="tiny", k=1))
+        rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", k=1))
 
 
 def test_ultrafeedback_task_scores_with_a_reward_model(tmp_path, tokenizer):
@@ -112,7 +112,7 @@ def test_ultrafeedback_task_scores_with_a_reward_model(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(10)))
-    rloo.main(rloo.Args(model="tiny", task="ultrafeedback", reward_model=str(tmp_path / "rm"), prompts=str(prompts),
+    rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", task="ultrafeedback", reward_model=str(tmp_path / "rm"), prompts=str(prompts),
                         n_prompts=8, eval_prompts=2, k=2, prompts_per_step=2, steps=1, max_new_tokens=8, eval_every=1,
                         out_dir=str(tmp_path / "o")))
     logged = metrics(tmp_path / "o")
@@ -121,7 +121,7 @@ def test_ultrafeedback_task_scores_with_a_reward_model(tmp_path, tokenizer):
 
 def test_resume_2_plus_2_steps_equals_4_steps(tmp_path):
     import shutil
-    args = dict(model="tiny", n_prompts=16, eval_prompts=0, k=4, prompts_per_step=2, steps=4, save_every=2, lr=1e-3,
+    args = dict(model="tiny", puzzles="3to4:train", n_prompts=16, eval_prompts=0, k=4, prompts_per_step=2, steps=4, save_every=2, lr=1e-3,
                 kl_coef=0.01, max_new_tokens=8, eval_every=0, sample_every=0)
     straight, _ = rloo.main(rloo.Args(**args, out_dir=str(tmp_path / "a")))
     rloo.main(rloo.Args(**args, out_dir=str(tmp_path / "b")))

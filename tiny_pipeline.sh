@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole method on a laptop CPU, offline, in about 14 minutes (2 cores):
+#   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
+#
+#   bash tiny_pipeline.sh                    # out/tiny, seed 0
+#   bash tiny_pipeline.sh out/tiny-s1 1      # another seed
+#   QUICK=1 bash tiny_pipeline.sh out/quick  # the same chain, shortened to a minute (the test suite runs it)
+#
+# Every step is one plain command reading the previous step's directory: copy any line.
+# Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"); training uses the :train split, evaluation the
+# held-out :test split (disjoint by construction). The GPU recipe with Qwen2.5-0.5B is in README.md.
+set -euo pipefail
+OUT=${1:-out/tiny}
+SEED=${2:-0}
+if [ -n "${QUICK:-}" ]; then
+  SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1
+else
+  SFT_STEPS=3000 RL_STEPS=300 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2
+fi
+TOKENS=128  # completion budget everywhere (a trace is 30–90 tokens)
+
+python sft.py --model tiny --data synthetic --puzzles easy:train --synthetic-rows 20000 --steps $SFT_STEPS \
+  --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 0.02 --log-every 250 --eval-every 1000 --save-every 1000 \
+  --seed $SEED --out-dir $OUT/sft
+
+python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 5e-5 \
+  --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS --eval-every 0 --sample-every 50 \
+  --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
+
+python dpo.py --model $OUT/sft --data countdown --puzzles easy:train --pair-prompts $PAIRS --pair-temperature 1.0 \
+  --pair-max-tokens $TOKENS --beta 0.1 --lr 3e-5 --batch-size 16 --grad-accum 1 --steps $DPO_STEPS --eval-rows 100 \
+  --log-every 20 --eval-every 100 --save-every 1000 --seed $SEED --out-dir $OUT/dpo
+
+for stage in base sft rloo dpo; do
+  model=$OUT/$stage
+  [ $stage = base ] && model=tiny
+  python evaluate.py --model $model --puzzles easy:test --n $EVAL_N --seed 1 --max-new-tokens $TOKENS \
+    --out-dir $OUT/eval/$stage-greedy
+  python evaluate.py --model $model --puzzles easy:test --n $EVAL_N --seed 1 --max-new-tokens $TOKENS \
+    --temperature 1.0 --samples $SAMPLES --out-dir $OUT/eval/$stage-sampled
+done
+
+python evaluate.py --collect $OUT --out-dir $OUT
