@@ -218,8 +218,9 @@ def main(args):
             metrics = {"loss": step_loss, "reward": task_rewards.mean().item()}
             if args.task == "countdown":
                 metrics |= {"acc": (task_rewards == 1).float().mean().item(), "format": (task_rewards > 0).float().mean().item()}
-            metrics |= {"kl": torch.cat(kls).mean().item() if ref is not None else 0.0,
-                        "len": sum(map(len, completions)) / len(completions),
+            if ref is not None:  # with β = 0 there is no π_ref, and no KL is measured
+                metrics["kl"] = torch.cat(kls).mean().item()
+            metrics |= {"len": sum(map(len, completions)) / len(completions),
                         "stopped": sum(stopped) / len(stopped), "time": time.time() - tick}
             log_metrics(out_dir, step, args.steps, metrics)
             tick = time.time()
