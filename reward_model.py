@@ -172,6 +172,10 @@ def main(args):
     for _ in range(start_step * args.grad_accum):
         next(stream)
 
+    def save(step):
+        return save_checkpoint(out_dir, step, model, tokenizer, args, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
     def evaluate(step):
         model.eval()
         acc, loss = pairwise_accuracy(model, held, tokenizer.pad_token_id, args.batch_size, autocast)
@@ -209,12 +213,10 @@ def main(args):
         if held and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
-            save_checkpoint(out_dir, step, model, tokenizer, args, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            save(step)
 
     # 5. final save
-    path = save_checkpoint(out_dir, total, model, tokenizer, args, {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    path = save(total)
     print(f"saved {path}")
     return model, tokenizer
 

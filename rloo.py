@@ -157,6 +157,10 @@ def main(args):
         set_rng_state(state["rng"])
     sample, vllm = make_sampler(model, tokenizer, str(source), args.vllm, args.vllm_memory, seed=args.seed)
 
+    def save(step):
+        return save_checkpoint(out_dir, step, model, tokenizer, args, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+
     def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
         return _Visit(m, device)
 
@@ -229,12 +233,10 @@ def main(args):
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluate(step)
         if step % args.save_every == 0 and step != args.steps:
-            save_checkpoint(out_dir, step, model, tokenizer, args, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            save(step)
 
     # 4. final save
-    path = save_checkpoint(out_dir, args.steps, model, tokenizer, args, {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+    path = save(args.steps)
     print(f"saved {path}")
     return model, tokenizer
 
