@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from calculator import SHAPES, solve
 from common import (InputError, encode, load_model, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
@@ -133,7 +132,7 @@ def countdown(args, out_dir):
             key = (tuple(row.get("num", row.get("nums", row.get("numbers", [])))), int(row["target"]))
             groups.setdefault(key, []).append(row["response"])
         puzzles = [{"nums": list(k[0]), "target": k[1]} for k in groups]
-        responses, table = list(groups.values()), []
+        responses = list(groups.values())
         if len({len(r) for r in responses}) != 1:
             raise InputError(f"{args.responses}: every puzzle needs the same number of responses")
         sample = tokenizer = None

@@ -208,7 +208,8 @@ def main(args):
             loss = rloo_loss(advantages, logps.view(-1, args.k), len(examples))
             loss.backward()
             step_loss += loss.item()
-            kls.append((logps.detach().cpu() - ref_logps[part]) if ref is not None else torch.zeros(0))
+            if ref is not None:
+                kls.append(logps.detach().cpu() - ref_logps[part])
         if not math.isfinite(step_loss):
             raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
