@@ -10,11 +10,14 @@ log π(y|x) is the sum of the completion tokens' log-probs (end-of-turn token in
 not per token. Chosen and rejected sequences share one forward pass. π_ref is the SFT model: its
 log-probs are computed once, in a no-grad pass before training, and only the policy stays in memory.
 
-Countdown pairs: two completions per puzzle sampled from the SFT model at a non-zero temperature,
-labelled by the rule reward, ties dropped, cached as JSONL in out_dir so they are built once.
+Countdown pairs: two completions per puzzle (--pair-samples) sampled from the SFT model at a
+non-zero temperature, scored by the rule reward; the best and the worst make the pair, ties are
+dropped; cached as JSONL in out_dir so they are built once.
 
 Deviations from the spec: a completion cut at the length limit is scored without an end token it
-never produced.
+never produced; --nll-coef α > 0 adds α times the chosen responses' per-token NLL to Eq. 7 (iterative
+RPO, Pang et al. 2024, proposed for reasoning tasks, where plain DPO lowers the chosen responses'
+likelihood along with the rejected); 0 by default: plain Eq. 7.
 """
 import json
 import math
@@ -48,6 +51,7 @@ class Args:
     steps: int = 0                    # optimizer steps (0: from --epochs)
     warmup: float = 0.1               # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
+    nll_coef: float = 0.0             # α: + α · per-token NLL of the chosen responses (RPO); 0 is plain Eq. 7
     max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out metrics
@@ -56,7 +60,8 @@ class Args:
     seed: int = 0                     # seeds data order, the puzzles and pair sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
     puzzles: str = "hub"              # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test) | a .jsonl
-    pair_prompts: int = 2000          # puzzles sampled twice for Countdown pairs (ties are dropped)
+    pair_prompts: int = 2000          # puzzles sampled for Countdown pairs (one pair per puzzle at most)
+    pair_samples: int = 2             # completions per puzzle; the best and the worst form its pair
     pair_temperature: float = 1.0     # sampling temperature of the pairs (spec: non-zero)
     pair_max_tokens: int = 1024       # max new tokens of a sampled completion
     pairs_file: str = ""              # Countdown pair cache; default out_dir/countdown_pairs.jsonl
@@ -76,20 +81,26 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss, chosen.detach(), rejected.detach()
 
 
+def chosen_nll(chosen_logps, chosen_tokens):
+    """RPO's extra term: −log π_θ(y_w|x) / |y_w| (per token within each chosen response), averaged over pairs."""
+    return -(chosen_logps / chosen_tokens).mean()
+
+
 # ------------------------------------------------------------------------------------ Countdown pairs
 
 def label_countdown_pairs(puzzles, samples):
-    """Pairs from two sampled completions per puzzle, labelled by the rule reward; ties dropped.
+    """One pair per puzzle from its sampled completions, scored by the rule reward: the first of the
+    best-scored is chosen, the first of the worst-scored rejected; a puzzle whose samples all tie is dropped.
 
-    samples[i] = [(text, stopped), (text, stopped)] for puzzles[i]. Returns (pairs, ties).
+    samples[i] = [(text, stopped), ...] for puzzles[i] (two or more). Returns (pairs, ties).
     """
     pairs, ties = [], 0
-    for puzzle, ((a, a_stop), (b, b_stop)) in zip(puzzles, samples):
-        sa, sb = score_response(a, puzzle), score_response(b, puzzle)
-        if sa == sb:
+    for puzzle, group in zip(puzzles, samples):
+        scored = [(text, stop, score_response(text, puzzle)) for text, stop in group]
+        (w, w_stop, sw), (l, l_stop, sl) = max(scored, key=lambda x: x[2]), min(scored, key=lambda x: x[2])
+        if sw == sl:
             ties += 1
             continue
-        (w, w_stop, sw), (l, l_stop, sl) = sorted([(a, a_stop, sa), (b, b_stop, sb)], key=lambda x: -x[2])
         pairs.append({"prompt": warmstart_query(puzzle["nums"], puzzle["target"]), "chosen": w, "rejected": l,
                       "chat": False, "chosen_end": w_stop, "rejected_end": l_stop, "chosen_score": sw,
                       "rejected_score": sl, "nums": puzzle["nums"], "target": puzzle["target"]})
@@ -97,13 +108,16 @@ def label_countdown_pairs(puzzles, samples):
 
 
 def build_countdown_pairs(model, tokenizer, args, path):
-    """Sample 2 completions per puzzle from the SFT model, label them, cache them to `path`."""
+    """Sample --pair-samples completions per puzzle from the SFT model, pair them, cache the pairs to `path`."""
     puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
     prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
-    completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(2)],
+    n = args.pair_samples
+    if n < 2:
+        raise InputError(f"--pair-samples {n}: a pair needs at least 2 completions per puzzle")
+    completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(n)],
                                     max_new_tokens=args.pair_max_tokens, temperature=args.pair_temperature)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    samples = [list(zip(texts[i:i + 2], stopped[i:i + 2])) for i in range(0, len(texts), 2)]
+    samples = [list(zip(texts[i:i + n], stopped[i:i + n])) for i in range(0, len(texts), n)]
     pairs, ties = label_countdown_pairs(puzzles, samples)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -255,14 +269,16 @@ def main(args):
     for step in range(start_step + 1, total + 1):
         groups = [next(stream) for _ in range(args.grad_accum)]
         n_pairs = sum(map(len, groups))
-        sums = torch.zeros(5)  # loss, correct, margin, chosen log-prob, rejected log-prob
+        sums = torch.zeros(6)  # loss, correct, margin, chosen log-prob, rejected log-prob, chosen NLL
         for index in groups:
             chosen, rejected = pair_logprobs(model, [train[i] for i in index], tokenizer.pad_token_id, autocast)
             ref_c, ref_r = ref_train[index].to(device).unbind(1)
             loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
-            (loss * len(index) / n_pairs).backward()
+            nll = chosen_nll(chosen, torch.tensor([len(train[i][0]["input_ids"]) - train[i][0]["prompt_len"]
+                                                   for i in index], device=chosen.device))
+            ((loss + args.nll_coef * nll) * len(index) / n_pairs).backward()
             sums += torch.tensor([loss.item() * len(index), (rc > rr).sum().item(), (rc - rr).sum().item(),
-                                  chosen.sum().item(), rejected.sum().item()])
+                                  chosen.sum().item(), rejected.sum().item(), nll.item() * len(index)])
         if not math.isfinite(sums[0].item()):
             raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -270,9 +286,9 @@ def main(args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:
-            loss, acc, margin, logp_c, logp_r = (sums / n_pairs).tolist()
+            loss, acc, margin, logp_c, logp_r, nll = (sums / n_pairs).tolist()
             log_metrics(out_dir, step, total, {"loss": loss, "acc": acc, "margin": margin, "logp_chosen": logp_c,
-                                               "logp_rejected": logp_r, "lr": scheduler.get_last_lr()[0],
+                                               "logp_rejected": logp_r, "chosen_nll": nll, "lr": scheduler.get_last_lr()[0],
                                                "time": time.time() - tick})
             tick = time.time()
         if held and (step % args.eval_every == 0 or step == total):

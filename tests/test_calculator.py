@@ -121,6 +121,21 @@ def test_synthetic_warmstart_rows():
         assert score_response(row["query"] + row["completion"], gt) == 1.0
 
 
+def test_synthetic_traces_are_honest():
+    """Every attempt's arithmetic is exact and its verdict true; the misses are distinct."""
+    for row in synthetic_warmstart(300, seed=2, shape="easy"):
+        *misses, found = row["completion"].split("</think>")[0].split("<think>\n")[1].strip().split("\n")
+        for line in misses + [found]:
+            *steps, verdict = line.split(", ")
+            for step in steps:
+                left, value = step.split(" = ")
+                a, op, b = (Fraction(x.strip("()")) if x not in "+-*/" else x for x in left.split(" "))
+                assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == Fraction(value), line
+            reached = Fraction(steps[-1].split(" = ")[1]) == row["target"]
+            assert verdict == ("found it." if reached else f"not {row['target']}."), line
+        assert len(set(misses)) == len(misses) and found not in misses
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "calculator.py"), *args], capture_output=True, text=True, timeout=60)
 

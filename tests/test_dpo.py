@@ -25,6 +25,11 @@ def test_eq4_implicit_rewards_and_eq7_hand_value():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)))  # −log σ(2)
 
 
+def test_rpo_chosen_nll_is_per_token_within_a_response_then_averaged_over_pairs():
+    # −(−4 / 2 + −9 / 3) / 2 = (2 + 3) / 2
+    assert dpo.chosen_nll(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3])).item() == pytest.approx(2.5)
+
+
 def test_eq7_gradient_raises_chosen_and_lowers_rejected():
     chosen, rejected = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
     dpo.dpo_loss(chosen, rejected, torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.1)[0].backward()
@@ -81,6 +86,17 @@ def test_countdown_pairs_are_labelled_by_the_rule_reward_and_ties_dropped():
     assert [(p["chosen_score"], p["rejected_score"]) for p in pairs] == [(1.0, 0.1), (1.0, 0.0)]
     assert pairs[1]["rejected_end"] is False and pairs[0]["chat"] is False
     assert pairs[0]["prompt"].endswith("Assistant: Let me solve this step by step.")
+
+
+def test_countdown_pairs_from_more_samples_take_the_best_and_the_worst():
+    puzzles = [{"target": 91, "nums": [95, 36, 32]}] * 2
+    right, other_right = "<answer>95 - (36 - 32)</answer>", "<answer>95 - 36 + 32</answer>"
+    wrong, none = "<answer>95 - 36 - 32</answer>", "I give up"
+    samples = [[(wrong, True), (right, True), (none, False), (other_right, True)],   # 0.1, 1, 0, 1: the first best vs the worst
+               [(wrong, True), (wrong, True), (wrong, True)]]                        # all 0.1: dropped
+    pairs, ties = dpo.label_countdown_pairs(puzzles, samples)
+    assert ties == 1 and [(p["chosen"], p["rejected"]) for p in pairs] == [(right, none)]
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"], pairs[0]["rejected_end"]) == (1.0, 0.0, False)
 
 
 def test_countdown_pairs_are_built_from_samples_and_cached(tmp_path, capsys):
