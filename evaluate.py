@@ -365,9 +365,12 @@ def plot_curves(run, path):
                     ax.plot(*zip(*points), marker="." if key.startswith("eval") else None, label=f"{stage} {key}")
             ax.set_title(title)
             ax.set_xlabel("step")
-    for ax in axes:
+    for ax, (title, _) in zip(axes, panels):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:  # e.g. KL with β = 0: rloo.py then loads no reference model and measures no KL
+            ax.text(0.5, 0.5, f"no {title} logged" + (" (β = 0)" if title == "KL" else ""), ha="center",
+                    va="center", transform=ax.transAxes)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

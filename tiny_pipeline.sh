@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in about 14 minutes (2 cores):
+# The whole method on a laptop CPU, offline, in about 13 minutes (2 cores):
 #   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
@@ -23,7 +23,7 @@ python sft.py --model tiny --data synthetic --puzzles easy:train --synthetic-row
   --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 0.02 --log-every 250 --eval-every 1000 --save-every 1000 \
   --seed $SEED --out-dir $OUT/sft
 
-python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 5e-5 \
+python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 3e-4 \
   --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS --eval-every 0 --sample-every 50 \
   --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
 
