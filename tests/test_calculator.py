@@ -129,7 +129,7 @@ def test_synthetic_traces_are_honest():
             *steps, verdict = line.split(", ")
             for step in steps:
                 left, value = step.split(" = ")
-                a, op, b = (Fraction(x.strip("()")) if x not in "+-*/" else x for x in left.split(" "))
+                a, op, b = (x if x in ("+", "-", "*", "/") else Fraction(x.strip("()")) for x in left.split(" "))
                 assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == Fraction(value), line
             reached = Fraction(steps[-1].split(" = ")[1]) == row["target"]
             assert verdict == ("found it." if reached else f"not {row['target']}."), line
