@@ -23,6 +23,7 @@ import argparse
 import ast
 import json
 import math
+import operator
 import random
 import sys
 import time
@@ -34,6 +35,7 @@ from countdown_reward import evaluate_expression, warmstart_query
 
 MAX_NUMBERS = 8  # beyond this an exhaustive search is hopeless; the course uses 3–6
 _ATOM, _MUL, _ADD = 3, 2, 1  # operator precedence of an expression's top node
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}  # on Fractions: exact
 
 
 class _OutOfTime(Exception):
@@ -262,7 +264,7 @@ def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_un
         while len(values) > 1:
             a, b = (values.pop(rng.randrange(len(values))) for _ in range(2))
             op = rng.choice("+-*/") if b != 0 else rng.choice("+-*")
-            values.append(a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b)
+            values.append(_APPLY[op](a, b))
             saw_fraction |= values[-1].denominator != 1
         value = values[0]
         if value.denominator == 1 and target[0] <= value <= target[1] and saw_fraction >= fractional:
@@ -293,7 +295,7 @@ def solution_steps(expression):
             return Fraction(node.value)
         a, b = walk(node.left), walk(node.right)
         op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
-        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        value = _APPLY[op](a, b)
         steps.append(f"{_fmt(a, operand=True)} {op} {_fmt(b, operand=True)} = {_fmt(value)}")
         return value
 
@@ -308,7 +310,7 @@ def _random_attempt(numbers, rng):
         a, b = (values.pop(rng.randrange(len(values))) for _ in range(2))
         a, b = max(a, b), min(a, b)                     # subtract and divide the larger by the smaller
         op = rng.choice("+-*/" if b != 0 else "+-*")
-        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        value = _APPLY[op](a, b)
         steps.append(f"{_fmt(a, operand=True)} {op} {_fmt(b, operand=True)} = {_fmt(value)}")
         values.append(value)
     return steps, values[0]

@@ -15,9 +15,7 @@ non-zero temperature, scored by the rule reward; the best and the worst make the
 dropped; cached as JSONL in out_dir so they are built once.
 
 Deviations from the spec: a completion cut at the length limit is scored without an end token it
-never produced; --nll-coef α > 0 adds α times the chosen responses' per-token NLL to Eq. 7 (iterative
-RPO, Pang et al. 2024, proposed for reasoning tasks, where plain DPO lowers the chosen responses'
-likelihood along with the rejected); 0 by default: plain Eq. 7.
+never produced.
 """
 import json
 import math
@@ -51,7 +49,6 @@ class Args:
     steps: int = 0                    # optimizer steps (0: from --epochs)
     warmup: float = 0.1               # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
-    nll_coef: float = 0.0             # α: + α · per-token NLL of the chosen responses (RPO); 0 is plain Eq. 7
     max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out metrics
@@ -79,11 +76,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # Eq. 4
     loss = -F.logsigmoid(chosen - rejected).mean()                  # Eq. 7
     return loss, chosen.detach(), rejected.detach()
-
-
-def chosen_nll(chosen_logps, chosen_tokens):
-    """RPO's extra term: −log π_θ(y_w|x) / |y_w| (per token within each chosen response), averaged over pairs."""
-    return -(chosen_logps / chosen_tokens).mean()
 
 
 # ------------------------------------------------------------------------------------ Countdown pairs
@@ -269,16 +261,14 @@ def main(args):
     for step in range(start_step + 1, total + 1):
         groups = [next(stream) for _ in range(args.grad_accum)]
         n_pairs = sum(map(len, groups))
-        sums = torch.zeros(6)  # loss, correct, margin, chosen log-prob, rejected log-prob, chosen NLL
+        sums = torch.zeros(5)  # loss, correct, margin, chosen log-prob, rejected log-prob
         for index in groups:
             chosen, rejected = pair_logprobs(model, [train[i] for i in index], tokenizer.pad_token_id, autocast)
             ref_c, ref_r = ref_train[index].to(device).unbind(1)
             loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
-            nll = chosen_nll(chosen, torch.tensor([len(train[i][0]["input_ids"]) - train[i][0]["prompt_len"]
-                                                   for i in index], device=chosen.device))
-            ((loss + args.nll_coef * nll) * len(index) / n_pairs).backward()
+            (loss * len(index) / n_pairs).backward()
             sums += torch.tensor([loss.item() * len(index), (rc > rr).sum().item(), (rc - rr).sum().item(),
-                                  chosen.sum().item(), rejected.sum().item(), nll.item() * len(index)])
+                                  chosen.sum().item(), rejected.sum().item()])
         if not math.isfinite(sums[0].item()):
             raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -286,9 +276,9 @@ def main(args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:
-            loss, acc, margin, logp_c, logp_r, nll = (sums / n_pairs).tolist()
+            loss, acc, margin, logp_c, logp_r = (sums / n_pairs).tolist()
             log_metrics(out_dir, step, total, {"loss": loss, "acc": acc, "margin": margin, "logp_chosen": logp_c,
-                                               "logp_rejected": logp_r, "chosen_nll": nll, "lr": scheduler.get_last_lr()[0],
+                                               "logp_rejected": logp_r, "lr": scheduler.get_last_lr()[0],
                                                "time": time.time() - tick})
             tick = time.time()
         if held and (step % args.eval_every == 0 or step == total):

@@ -46,7 +46,7 @@ class Args:
     puzzles: str = "hub"              # Countdown prompts: hub | a shape (3to4, easy, course; :train/:test) | a .json/.jsonl
     n: int = 1024                     # prompts
     skip: int = 327_680               # first hub/file row (TinyZero's split: its test rows follow the first 327 680)
-    seed: int = 0                     # seeds `generated` puzzles and sampling
+    seed: int = 0                     # seeds generated puzzle shapes and sampling
     responses: str = ""               # score this .jsonl of {num(s), target, response} instead of sampling a model
     samples: int = 1                  # samples per prompt (pass@k for k ≤ samples)
     temperature: float = 0.0          # 0: greedy
@@ -287,16 +287,22 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def plot_best_of(rows, path):
-    """Accuracy against N, one line per temperature, when best-of-N rows exist and matplotlib is installed."""
-    best = [r for r in rows if r["label"].startswith("best-of")]
+def _pyplot():
+    """matplotlib.pyplot on a file-only backend, or None when matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    if not best:
+        return None
+    return plt
+
+
+def plot_best_of(rows, path):
+    """Accuracy against N, one line per temperature, when best-of-N rows exist and matplotlib is installed."""
+    best = [r for r in rows if r["label"].startswith("best-of")]
+    plt = _pyplot()
+    if not best or plt is None:
         return
     for t in sorted({r["temperature"] for r in best}):
         line = [r for r in best if r["temperature"] == t]
@@ -320,18 +326,20 @@ def collect(run_dirs, out_dir):
     if not names:
         raise InputError(f"no eval/*/results.json under {', '.join(map(str, runs))}")
     keys = ("score", "acc", "format")
-    lines = [f"| model | decoding | T | max tokens | {' | '.join(keys)} |", "|---|---|---|---|" + "---|" * len(keys)]
+    lines = [f"| model | decoding | T | samples | max tokens | {' | '.join(keys)} |", "|---|---|---|---|---|" + "---|" * len(keys)]
     for name in names:
-        rows = [json.loads((r / "eval" / name / "results.json").read_text())["rows"][0] for r in runs]
+        results = [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs]
+        rows = [result["rows"][0] for result in results]
         cells = []
         for k in keys:
             values = [row[k][0] for row in rows]
             cells.append(f"{values[0]:.3f} ± {rows[0][k][1]:.3f}" if len(runs) == 1 else
                          f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
         r = rows[0]
-        lines.append(f"| {name} | {r['decoding']} | {r['temperature']:g} | {r['max_new_tokens']} | {' | '.join(cells)} |")
+        lines.append(f"| {name} | {r['decoding']} | {r['temperature']:g} | {r['samples']} | {r['max_new_tokens']} | "
+                     f"{' | '.join(cells)} |")
     spread = "± 95% interval" if len(runs) == 1 else f"mean ± sd over {len(runs)} runs"
-    table = f"{spread}; {rows[0]['samples']} sample(s) per prompt, {json.loads((runs[0] / 'eval' / names[0] / 'results.json').read_text())['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
+    table = f"{spread}; {results[0]['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table)
     print(table, end="")
@@ -346,11 +354,8 @@ def _stage_order(name):
 
 def plot_curves(run, path):
     """Loss, reward, accuracy and KL against step for the trainers of one run (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     panels = [("loss", ["loss", "eval_loss"]), ("reward", ["reward", "eval_reward"]), ("accuracy", ["acc", "eval_acc"]),
               ("KL", ["kl"])]

@@ -25,11 +25,6 @@ def test_eq4_implicit_rewards_and_eq7_hand_value():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)))  # −log σ(2)
 
 
-def test_rpo_chosen_nll_is_per_token_within_a_response_then_averaged_over_pairs():
-    # −(−4 / 2 + −9 / 3) / 2 = (2 + 3) / 2
-    assert dpo.chosen_nll(torch.tensor([-4.0, -9.0]), torch.tensor([2, 3])).item() == pytest.approx(2.5)
-
-
 def test_eq7_gradient_raises_chosen_and_lowers_rejected():
     chosen, rejected = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
     dpo.dpo_loss(chosen, rejected, torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.1)[0].backward()

@@ -145,6 +145,26 @@ def test_missing_api_key_names_the_variable(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- whole paths
 
+def test_collect_averages_runs_and_keeps_each_rows_settings(tmp_path):
+    def write(run, name, acc, samples, temperature):
+        row = {"label": "model", "decoding": "greedy" if temperature == 0 else "sampled", "temperature": temperature,
+               "samples": samples, "max_new_tokens": 128, "score": [acc, 0.04], "acc": [acc, 0.05], "format": [1.0, 0.0]}
+        path = tmp_path / run / "eval" / name
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps({"prompts": 500, "rows": [row]}))
+    for run, greedy, sampled in (("s0", 0.50, 0.40), ("s1", 0.60, 0.44)):
+        write(run, "sft-greedy", greedy, 1, 0.0)
+        write(run, "sft-sampled", sampled, 2, 1.0)
+    one = evaluate.collect([tmp_path / "s0"], tmp_path / "one")
+    assert "± 95% interval; 500 held-out prompts" in one and "| sft-greedy | greedy | 0 | 1 | 128 | 0.500 ± 0.040 |" in one
+    table = evaluate.collect([tmp_path / "s0", tmp_path / "s1"], tmp_path / "both")
+    # mean and sample sd by hand: (0.50, 0.60) → 0.550 ± 0.0707; (0.40, 0.44) → 0.420 ± 0.0283
+    assert table.startswith("mean ± sd over 2 runs; 500 held-out prompts")
+    assert "| sft-greedy | greedy | 0 | 1 | 128 | 0.550 ± 0.071 | 0.550 ± 0.071 | 1.000 ± 0.000 |" in table
+    assert "| sft-sampled | sampled | 1 | 2 | 128 | 0.420 ± 0.028 |" in table
+    assert (tmp_path / "both" / "results.md").read_text() == table
+
+
 def test_tiny_countdown_run_writes_every_output(tmp_path):
     results = evaluate.main(evaluate.Args(model="tiny", puzzles="3to4:test", n=6, samples=2, temperature=1.0,
                                           max_new_tokens=12, best_of="1,2", tool=True, out_dir=str(tmp_path)))
