@@ -117,7 +117,8 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
 
     Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
     bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
-    `tiny` is a randomly initialised Qwen2-architecture model (~1.6 M parameters: 6 layers of width 128) for `tiny_tokenizer`.
+    `tiny` is a randomly initialised Qwen2-architecture model for `tiny_tokenizer`: ~1.6 M parameters,
+    6 layers of width 128 (4 layers learned the tiny pipeline's "found it" check only on some seeds).
     reward=True: a sequence classifier with one output (a new scalar head on a causal LM's trunk, or
     an encoder such as DeBERTa), for reward_model.py.
     """

@@ -101,11 +101,11 @@ def label_countdown_pairs(puzzles, samples):
 
 def build_countdown_pairs(model, tokenizer, args, path):
     """Sample --pair-samples completions per puzzle from the SFT model, pair them, cache the pairs to `path`."""
-    puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
-    prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
     n = args.pair_samples
     if n < 2:
         raise InputError(f"--pair-samples {n}: a pair needs at least 2 completions per puzzle")
+    puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
+    prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
     completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(n)],
                                     max_new_tokens=args.pair_max_tokens, temperature=args.pair_temperature)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]

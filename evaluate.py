@@ -326,7 +326,8 @@ def collect(run_dirs, out_dir):
     if not names:
         raise InputError(f"no eval/*/results.json under {', '.join(map(str, runs))}")
     keys = ("score", "acc", "format")
-    lines = [f"| model | decoding | T | samples | max tokens | {' | '.join(keys)} |", "|---|---|---|---|---|" + "---|" * len(keys)]
+    lines = [f"| model | decoding | T | samples | max tokens | {' | '.join(keys)} |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
     for name in names:
         results = [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs]
         rows = [result["rows"][0] for result in results]
