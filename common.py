@@ -117,8 +117,7 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
 
     Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
     bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
-    `tiny` is a randomly initialised Qwen2-architecture model for `tiny_tokenizer`: ~1.6 M parameters,
-    6 layers of width 128 (4 layers learned the tiny pipeline's "found it" check only on some seeds).
+    `tiny` is a randomly initialised Qwen2-architecture model (~1.1 M parameters) for `tiny_tokenizer`.
     reward=True: a sequence classifier with one output (a new scalar head on a causal LM's trunk, or
     an encoder such as DeBERTa), for reward_model.py.
     """
@@ -129,7 +128,7 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
     if name == "tiny":
         tokenizer = tokenizer or tiny_tokenizer()
         config = Qwen2Config(vocab_size=64 * (len(tokenizer) // 64 + 1),  # > len(tokenizer), as in Qwen
-                             hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                             hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
                              bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, num_labels=1)

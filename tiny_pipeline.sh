@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in about 20 minutes (2 cores):
+# The whole method on a laptop CPU, offline, in about 14 minutes (2 cores):
 #   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
@@ -15,7 +15,7 @@ SEED=${2:-0}
 if [ -n "${QUICK:-}" ]; then
   SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1
 else
-  SFT_STEPS=3000 RL_STEPS=200 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2
+  SFT_STEPS=3000 RL_STEPS=300 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2
 fi
 TOKENS=128  # completion budget everywhere (a trace is 30–90 tokens)
 

@@ -68,10 +68,10 @@ def metrics(out_dir):
 def test_rloo_raises_a_simple_verifiable_reward(tmp_path, monkeypatch):
     monkeypatch.setattr(rloo, "score_completions", digit_share)
     rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", n_prompts=64, eval_prompts=0, k=8, prompts_per_step=4, micro_prompts=4, steps=40,
-                        lr=3e-3, kl_coef=0.0, max_new_tokens=12, eval_every=0, sample_every=0, out_dir=str(tmp_path)))
+                        lr=2e-3, kl_coef=0.0, max_new_tokens=12, eval_every=0, sample_every=0, out_dir=str(tmp_path)))
     rewards = [m["reward"] for m in metrics(tmp_path) if "reward" in m]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert end > start + 0.1 and end > 5 * start   # ~0.01 → ~0.6 in 40 steps (6-layer tiny model)
+    assert end > start + 0.1 and end > 5 * start   # ~0.01 → ~0.3 in 40 steps
 
 
 def test_kl_is_zero_at_the_start_and_logprobs_use_the_sampling_temperature(tmp_path, monkeypatch):
