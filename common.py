@@ -264,6 +264,15 @@ class InputError(ValueError):
     """Bad user input (a file, a row, a flag): scripts print it as one line and exit 2."""
 
 
+def check_intervals(args):
+    """--log-every and --save-every must be ≥ 1; --eval-every / --sample-every ≥ 0, where 0 turns them off."""
+    for name in ("log_every", "save_every", "eval_every", "sample_every"):
+        value, least = getattr(args, name, None), 1 if name in ("log_every", "save_every") else 0
+        if value is not None and value < least:
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be ≥ {least}"
+                             + (" (0 turns it off)" if least == 0 else ""))
+
+
 def read_jsonl(path, required=()):
     """Rows of a JSONL file; a bad line or a missing column is an InputError naming file, row and column."""
     if not Path(path).is_file():

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, collate, device_and_dtype, encode, generate, length_grouped_batches, load_model,
-                    load_puzzles, load_tokenizer, load_trainer_state, log_metrics, preference_pairs, read_jsonl,
-                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
-                    set_rng_state, warmup_cosine)
+from common import (InputError, check_intervals, collate, device_and_dtype, encode, generate, length_grouped_batches,
+                    load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics, preference_pairs,
+                    read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything,
+                    sequence_logprobs, set_rng_state, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -51,7 +51,7 @@ class Args:
     grad_clip: float = 1.0            # max global gradient norm
     max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
     log_every: int = 10               # steps between log lines
-    eval_every: int = 100             # steps between held-out metrics
+    eval_every: int = 100             # steps between held-out metrics; 0: none
     eval_rows: int = 200              # held-out pairs
     save_every: int = 200             # steps between checkpoints
     seed: int = 0                     # seeds data order, the puzzles and pair sampling
@@ -174,6 +174,7 @@ def reference_logprobs(model, pairs, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
+    check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
@@ -255,7 +256,7 @@ def main(args):
                                            "eval_margin": stats[2].item() / stats[3].item()})
 
     # 4. loop: per step, grad_accum micro-batches; the loss is the mean over the step's pairs
-    if held and start_step == 0:
+    if held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
@@ -281,7 +282,7 @@ def main(args):
                                                "logp_rejected": logp_r, "lr": scheduler.get_last_lr()[0],
                                                "time": time.time() - tick})
             tick = time.time()
-        if held and (step % args.eval_every == 0 or step == total):
+        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)

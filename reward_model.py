@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, collate, device_and_dtype, encode, length_grouped_batches, load_model, load_tokenizer,
-                    load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint, rng_state, run,
-                    save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
+from common import (InputError, check_intervals, collate, device_and_dtype, encode, length_grouped_batches, load_model,
+                    load_tokenizer, load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint, rng_state,
+                    run, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Args:
     warmup: float = 0.03              # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
     log_every: int = 10               # steps between log lines
-    eval_every: int = 100             # steps between held-out accuracies
+    eval_every: int = 100             # steps between held-out accuracies; 0: none
     eval_rows: int = 500              # held-out pairs
     save_every: int = 200             # steps between checkpoints
     seed: int = 0                     # seeds data order and the head's initialisation
@@ -137,6 +137,7 @@ def pairwise_accuracy(model, pairs, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
+    check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
@@ -183,7 +184,7 @@ def main(args):
         log_metrics(out_dir, step, total, {"eval_loss": loss, "eval_acc": acc})
 
     # 4. loop: chosen and rejected of a micro-batch go through the model together
-    if held and start_step == 0:
+    if held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
@@ -210,7 +211,7 @@ def main(args):
             log_metrics(out_dir, step, total, {"loss": step_loss, "acc": correct / n_pairs, "margin": margin / n_pairs,
                                                "lr": scheduler.get_last_lr()[0], "time": time.time() - tick})
             tick = time.time()
-        if held and (step % args.eval_every == 0 or step == total):
+        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)

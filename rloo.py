@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, collate, device_and_dtype, encode, load_model, load_puzzles, load_tokenizer,
-                    load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint, rng_state, run,
-                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+from common import (InputError, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
+                    load_tokenizer, load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint,
+                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -55,7 +55,7 @@ class Args:
     overlong_penalty: float = 0.0        # subtracted from the reward of a completion that never stopped
     log_every: int = 1                   # steps between log lines
     sample_every: int = 10               # steps between printed sample completions
-    eval_every: int = 50                 # steps between greedy held-out evaluations
+    eval_every: int = 50                 # steps between greedy held-out evaluations; 0: none
     save_every: int = 50                 # steps between checkpoints
     seed: int = 0                        # seeds prompts and sampling
     resume: bool = False                 # continue from out_dir's newest checkpoint
@@ -123,6 +123,7 @@ def score_completions(task, prompts, texts, reward_model=None):
 
 def main(args):
     # 1. setup
+    check_intervals(args)
     if args.k < 2:
         raise InputError(f"--k {args.k}: the leave-one-out baseline needs K ≥ 2")
     seed_everything(args.seed)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, collate, device_and_dtype, encode, generate, length_grouped_batches, load_model,
-                    load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint, rng_state, run,
-                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+from common import (InputError, check_intervals, collate, device_and_dtype, encode, generate, length_grouped_batches,
+                    load_model, load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint,
+                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Args:
     weight_decay: float = 0.0         # AdamW weight decay
     grad_clip: float = 1.0            # max global gradient norm
     log_every: int = 10               # steps between log lines
-    eval_every: int = 100             # steps between held-out losses (and a greedy sample)
+    eval_every: int = 100             # steps between held-out losses (and a greedy sample); 0: none
     eval_rows: int = 200              # held-out rows
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
@@ -155,6 +155,7 @@ def held_out_loss(model, examples, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
+    check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
@@ -207,7 +208,7 @@ def main(args):
         print(f"  greedy sample: {tokenizer.decode(sample)!r}")
 
     # 4. loop: a step is grad_accum micro-batches, the loss normalised by the step's completion tokens
-    if held and start_step == 0:
+    if held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
@@ -233,7 +234,7 @@ def main(args):
             log_metrics(out_dir, step, total, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
                                                "grad_norm": grad_norm, "tokens": n_tokens, "time": time.time() - tick})
             tick = time.time()
-        if held and (step % args.eval_every == 0 or step == total):
+        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)

@@ -1,5 +1,6 @@
 """common.py: the CLI, masks from lengths, log-probs against references, sampling, atomic saves."""
 import json
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -223,3 +224,15 @@ def test_warmup_cosine_shape():
     lrs = [common.warmup_cosine(s, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("field, value, ok", [("log_every", 0, False), ("save_every", 0, False), ("eval_every", 0, True),
+                                              ("eval_every", -1, False), ("sample_every", 0, True)])
+def test_check_intervals(field, value, ok):
+    args = types.SimpleNamespace(log_every=1, save_every=1, eval_every=1, sample_every=1)
+    setattr(args, field, value)
+    if ok:
+        common.check_intervals(args)
+    else:
+        with pytest.raises(common.InputError, match=f"--{field.replace('_', '-')} {value}: must be ≥"):
+            common.check_intervals(args)

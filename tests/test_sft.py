@@ -114,3 +114,20 @@ def test_chat_rows_use_the_first_turn(tmp_path):
                 {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
     rows = sft.rows_from_records([{"messages": messages}], "x")
     assert rows == [{"prompt": "u1", "completion": "a1", "chat": True}]
+
+
+def test_eval_every_0_turns_the_held_out_loss_off(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_warmstart(12, seed=4))
+    for every, expected in ((0, False), (2, True)):
+        out = tmp_path / f"o{every}"
+        sft.main(sft.Args(model="tiny", data=data, eval_rows=2, batch_size=4, grad_accum=1, steps=2, eval_every=every,
+                          out_dir=str(out)))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("eval_loss" in r for r in records) is expected
+
+
+def test_cli_rejects_a_zero_log_interval_in_one_line():
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--log-every", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "sft.py: error: --log-every 0: must be ≥ 1"
