@@ -1,7 +1,7 @@
 """How fast is calculator.solve on the puzzle shapes it must handle? Prints solved %, median, p99, total.
 
-    python bench/calculator_speed.py            # about a minute on 2 CPU cores
-    python bench/calculator_speed.py --n 5000
+    python bench/countdown_speed.py            # about a minute on 2 CPU cores
+    python bench/countdown_speed.py --n 5000
 
 Three sets, all solvable by construction (calculator.make_puzzles):
   3to4        Countdown-Tasks-3to4 shape: 3–4 numbers in 1–99, targets 10–100
