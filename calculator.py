@@ -17,7 +17,7 @@ bottom-up, one tree per value), and ask the larger group, recursively, for each 
     (group, value) query that failed is remembered; groups of ≤ 3 numbers are table look-ups.
 Answers use plain non-negative integer literals and the fewest parentheses, and each is checked
 with the scorer's own float evaluation before it is returned, so it always scores 1.0.
-Speed (bench/calculator_speed.py, 2 CPU cores): p99 under 3 ms on course-shaped puzzles.
+Speed (bench/countdown_speed.py, 2 CPU cores): p99 under 3 ms on course-shaped puzzles.
 """
 import argparse
 import ast
