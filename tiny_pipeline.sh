@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in about 14 minutes (2 cores):
+# The whole method on a laptop CPU, offline, in about 15 minutes (2 cores):
 #   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
@@ -20,16 +20,16 @@ fi
 TOKENS=128  # completion budget everywhere (a trace is 30–90 tokens)
 
 python sft.py --model tiny --data synthetic --puzzles easy:train --synthetic-rows 20000 --steps $SFT_STEPS \
-  --batch-size 32 --grad-accum 1 --lr 3e-3 --warmup 0.02 --log-every 250 --eval-every 1000 --save-every 1000 \
+  --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 --save-every 1000 \
   --seed $SEED --out-dir $OUT/sft
 
-python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 3e-4 \
+python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 1e-4 \
   --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS --eval-every 0 --sample-every 50 \
   --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
 
-python dpo.py --model $OUT/sft --data countdown --puzzles easy:train --pair-prompts $PAIRS --pair-temperature 1.0 \
-  --pair-max-tokens $TOKENS --beta 0.1 --lr 3e-5 --batch-size 16 --grad-accum 1 --steps $DPO_STEPS --eval-rows 100 \
-  --log-every 20 --eval-every 100 --save-every 1000 --seed $SEED --out-dir $OUT/dpo
+python dpo.py --model $OUT/sft --data countdown --puzzles easy:train --pair-prompts $PAIRS --pair-samples 4 \
+  --pair-temperature 1.0 --pair-max-tokens $TOKENS --beta 0.1 --lr 1e-5 --batch-size 16 --grad-accum 1 \
+  --steps $DPO_STEPS --eval-rows 100 --log-every 20 --eval-every 100 --save-every 1000 --seed $SEED --out-dir $OUT/dpo
 
 for stage in base sft rloo dpo; do
   model=$OUT/$stage
