@@ -265,12 +265,11 @@ class InputError(ValueError):
 
 
 def check_intervals(args):
-    """--log-every and --save-every must be ≥ 1; --eval-every / --sample-every ≥ 0, where 0 turns them off."""
-    for name in ("log_every", "save_every", "eval_every", "sample_every"):
-        value, least = getattr(args, name, None), 1 if name in ("log_every", "save_every") else 0
+    """--log-every and --save-every must be ≥ 1; --eval-every and --sample-every ≥ 0 (0 turns them off)."""
+    for name, least in (("log_every", 1), ("save_every", 1), ("eval_every", 0), ("sample_every", 0)):
+        value = getattr(args, name, None)
         if value is not None and value < least:
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be ≥ {least}"
-                             + (" (0 turns it off)" if least == 0 else ""))
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be ≥ {least}")
 
 
 def read_jsonl(path, required=()):
