@@ -34,7 +34,7 @@ def _number(text):
 
 
 def audit_line(line, target):
-    """A trace line → {"steps_ok": [bool per step], "value", "found"}, or None if it is not an attempt line."""
+    """A trace line → {"steps_ok": [bool per step], "value", "found", "hit"}, or None if it is not an attempt line."""
     m = LINE.match(line.strip())
     if not m:
         return None
