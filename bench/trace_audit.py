@@ -16,15 +16,17 @@ arithmetic right) or not, and its verdict is right or wrong for the value it wro
   missed hit    honest lines that hit the target but say "not"
 """
 import json
+import os
 import re
 import sys
 from fractions import Fraction
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from calculator import _APPLY  # noqa: E402  (the calculator's own operator table, exact on Fractions)
+
 STEP = re.compile(r"\(?(\d+(?:/\d+)?)\)? ([-+*/]) \(?(\d+(?:/\d+)?)\)? = (-?\d+(?:/\d+)?)$")
-LINE = re.compile(r"(?P<steps>.*), (?:not (?P<said>-?\d+)|(?P<found>found it))\.$")
-APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-         "/": lambda a, b: a / b if b else None}
+LINE = re.compile(r"(?P<steps>.*), (?:not -?\d+|(?P<found>found it))\.$")
 
 
 def _number(text):
@@ -44,7 +46,7 @@ def audit_line(line, target):
         if not s:
             return None
         a, b, value = _number(s[1]), _number(s[3]), _number(s[4])
-        steps_ok.append(None not in (a, b, value) and APPLY[s[2]](a, b) == value)
+        steps_ok.append(None not in (a, b, value) and not (s[2] == "/" and b == 0) and _APPLY[s[2]](a, b) == value)
     return {"steps_ok": steps_ok, "value": value, "found": m["found"] is not None, "hit": value == target}
 
 
