@@ -229,16 +229,23 @@ def solve(numbers, target, timeout=None, fractions=True):
 
 # ----------------------------------------------------------------------------------------- puzzles
 
-SHAPES = {  # named puzzle distributions for make_puzzles; "NAME:train" / "NAME:test" pick a split (see held_out)
+SHAPES = {  # named puzzle distributions for make_puzzles; "NAME:SPLIT" picks a split (see SPLITS)
     "3to4": dict(),                                                              # Jiayi-Pan/Countdown-Tasks-3to4
     "easy": dict(count=(3, 3), low=1, high=9, target=(1, 50)),                   # the tiny pipeline's puzzles
     "course": dict(count=(3, 6), low=1, high=999_999, target=(1, 999_999), log_uniform=True),  # course held-out
 }
 
+SPLITS = {  # the tenths of the puzzle space (puzzle_tenth) each split keeps
+    "test": {0},                  # held out for evaluation
+    "train": set(range(1, 10)),   # everything else, which is cut in two:
+    "sft": set(range(3, 10)),     #   the WarmStart (SFT) puzzles
+    "rl": {1, 2},                 #   the RL and DPO puzzles, unseen by SFT (as in the course)
+}
 
-def held_out(nums, target):
-    """True for the puzzles of the test split: a stable hash of (sorted numbers, target), 1 in 10."""
-    return zlib.crc32(f"{sorted(int(n) for n in nums)}|{int(target)}".encode()) % 10 == 0
+
+def puzzle_tenth(nums, target):
+    """A stable hash of (sorted numbers, target), 0–9: which tenth of the puzzle space a puzzle is in."""
+    return zlib.crc32(f"{sorted(int(n) for n in nums)}|{int(target)}".encode()) % 10
 
 
 def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_uniform=False, fractional=False,
@@ -250,8 +257,8 @@ def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_un
     solvable with all its numbers. log_uniform=True draws numbers log-uniformly in [low, high]
     (as many 2-digit as 6-digit numbers, like the course's held-out set). fractional=True keeps only trees with a non-integer intermediate
     value (most of those puzzles also have an integer-only solution; `solve(..., fractions=False)`
-    tells which do not). split="train" / "test" keeps only puzzles outside / inside the held-out
-    tenth (`held_out`), so a test set is disjoint from any training set drawn with any seed.
+    tells which do not). split (a key of SPLITS) keeps only the puzzles of that split, so a test set
+    is disjoint from any training set drawn with any seed, and "sft" from "rl".
     Deterministic in `seed`; the global `random` state is left alone.
     """
     rng = random.Random(seed)
@@ -268,16 +275,16 @@ def make_puzzles(n, seed, count=(3, 4), low=1, high=99, target=(10, 100), log_un
             saw_fraction |= values[-1].denominator != 1
         value = values[0]
         if value.denominator == 1 and target[0] <= value <= target[1] and saw_fraction >= fractional:
-            if split is None or held_out(nums, value) == (split == "test"):
+            if split is None or puzzle_tenth(nums, value) in SPLITS[split]:
                 puzzles.append({"target": int(value), "nums": nums})
     return puzzles
 
 
 def puzzles_from_spec(spec, n, seed):
-    """make_puzzles from a name: "3to4", "easy", "course", optionally with ":train" or ":test"."""
+    """make_puzzles from a name: "3to4", "easy", "course", optionally with a split: ":train", ":test", ":sft", ":rl"."""
     name, _, split = spec.partition(":")
-    if name not in SHAPES or split not in ("", "train", "test"):
-        raise ValueError(f"puzzle shape {spec!r}: use one of {sorted(SHAPES)}, optionally with :train or :test")
+    if name not in SHAPES or split not in ("", *SPLITS):
+        raise ValueError(f"puzzle shape {spec!r}: use one of {sorted(SHAPES)}, optionally with :{' / :'.join(SPLITS)}")
     return make_puzzles(n, seed, **SHAPES[name], split=split or None)
 
 
@@ -365,7 +372,7 @@ def main(argv=None):
     parser.add_argument("--warmstart", metavar="FILE", help="write synthetic WarmStart JSONL rows here")
     parser.add_argument("--n", type=int, default=1000, help="rows for --warmstart")
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
-    parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test)")
+    parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
     args = parser.parse_args(argv)
 
     def fail(message):

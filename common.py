@@ -320,7 +320,8 @@ def load_puzzles(source, n, seed=0, skip=0):
     """Countdown puzzles [{"target", "nums"}] from one of:
 
     a generated shape (calculator.SHAPES): "3to4" (like Countdown-Tasks-3to4), "easy", "course",
-    optionally split ("easy:train", "easy:test": disjoint by construction), seeded;
+    optionally split ("easy:train", "easy:test": disjoint by construction; "easy:sft" and "easy:rl" cut
+    "easy:train" in two, see calculator.SPLITS), seeded;
     "hub": Jiayi-Pan/Countdown-Tasks-3to4, rows skip … skip + n;
     a .json / .jsonl file of rows with "target" and "nums" (or the course's "num", or "numbers").
     """

@@ -56,7 +56,7 @@ class Args:
     save_every: int = 200             # steps between checkpoints
     seed: int = 0                     # seeds data order, the puzzles and pair sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
-    puzzles: str = "hub"              # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test) | a .jsonl
+    puzzles: str = "hub"              # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test/:sft/:rl) | a .jsonl
     pair_prompts: int = 2000          # puzzles sampled for Countdown pairs (one pair per puzzle at most)
     pair_samples: int = 2             # completions per puzzle; the best and the worst form its pair
     pair_temperature: float = 1.0     # sampling temperature of the pairs (spec: non-zero)

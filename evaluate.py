@@ -43,7 +43,7 @@ class Args:
     model: str = "out/rloo"           # the policy: hub id, model directory, run directory, or `tiny`
     task: str = "countdown"           # countdown | ultrafeedback
     out_dir: str = "out/eval"         # results.json, results.md, per_prompt.jsonl, leaderboard.jsonl
-    puzzles: str = "hub"              # Countdown prompts: hub | a shape (3to4, easy, course; :train/:test) | a .json/.jsonl
+    puzzles: str = "hub"              # Countdown prompts: hub | a shape (3to4, easy, course; :train/:test/:sft/:rl) | a .json/.jsonl
     n: int = 1024                     # prompts
     skip: int = 327_680               # first hub/file row (TinyZero's split: its test rows follow the first 327 680)
     seed: int = 0                     # seeds generated puzzle shapes and sampling

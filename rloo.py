@@ -36,7 +36,7 @@ class Args:
     model: str = "out/sft"               # π_θ at step 0 (the SFT checkpoint); a frozen copy is π_ref
     task: str = "countdown"              # countdown (rule reward) | ultrafeedback (--reward-model)
     reward_model: str = "out/rm"         # reward_model.py's output, for --task ultrafeedback
-    puzzles: str = "hub"                 # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test) | a .jsonl
+    puzzles: str = "hub"                 # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test/:sft/:rl) | a .jsonl
     prompts: str = "ultrafeedback"       # UltraFeedback prompts: ultrafeedback (train_prefs) | a .jsonl with "prompt"
     n_prompts: int = 20000               # training prompts drawn (cycled when exhausted)
     eval_prompts: int = 200              # held-out prompts for the greedy evaluation

@@ -49,7 +49,7 @@ class Args:
     eval_rows: int = 200              # held-out rows
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
-    puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train / :test)
+    puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
 

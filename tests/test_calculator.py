@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from calculator import make_puzzles, solution_steps, solve, synthetic_warmstart
+from calculator import make_puzzles, puzzles_from_spec, solution_steps, solve, synthetic_warmstart
 from countdown_reward import score_response, warmstart_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,17 @@ def test_complete_against_brute_force():
 def test_generated_puzzles_are_solved_and_answers_score_one(kwargs):
     for p in make_puzzles(150, seed=3, **kwargs):
         assert scores(solve(p["nums"], p["target"]), p["nums"], p["target"]) == 1.0
+
+
+def test_splits_are_disjoint_and_sft_rl_cut_train():
+    def drawn(split, seed):
+        return {(tuple(sorted(p["nums"])), p["target"]) for p in puzzles_from_spec(f"easy:{split}", 6_000, seed)}
+    test, train, sft, rl = (drawn(split, seed) for seed, split in enumerate(["test", "train", "sft", "rl"]))
+    assert not test & train and not test & sft and not test & rl and not sft & rl
+    assert len(sft & train) > 0.8 * len(sft) and len(rl & train) > 0.8 * len(rl)   # both are parts of train
+    assert 0.2 < len(rl) / len(sft) < 0.4                                             # 2 tenths against 7
+    with pytest.raises(ValueError, match="easy:dev"):
+        puzzles_from_spec("easy:dev", 1, seed=0)
 
 
 def test_timeout_is_honoured():
