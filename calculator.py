@@ -2,6 +2,7 @@
 
     python calculator.py 95 36 32 --target 91                 # prints 95 + 32 - 36
     python calculator.py --warmstart data/warmstart.jsonl --n 2000 --seed 0
+    python calculator.py --warmstart data/search.jsonl --shape easy:train --trace search
 
 The "calculator tool" of report 000 (§3.4.2), done exactly: values are rationals (int pairs p/q in
 lowest terms), so `6 / (1 - 3 / 4)` = 24 is found, and the search is complete: `solve` returns None
@@ -348,15 +349,79 @@ def warmstart_completion(expression, numbers=(), target=None, wrong=0, rng=None)
     return f"\n<think>\n{think}\n</think>\n<answer>{expression}</answer>"
 
 
-def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2):
+def _one_step_to(t, x, most):
+    """The values v that reach t with x in one step, a slot per operation (None: no whole v ≥ 0):
+    v + x = t, v − x = t, x − v = t, v · x = t, v / x = t (v = t · x, kept up to `most`), x / v = t."""
+    return [t - x if t >= x else None, t + x, x - t if x >= t else None, t // x if x and t % x == 0 else None,
+            t * x if t * x <= most else None, x // t if t and x % t == 0 else None]
+
+
+_SLOT_OPS = (("+", False), ("-", False), ("-", True), ("*", False), ("/", False), ("/", True))  # (op, x first)
+
+
+def search_completion(numbers, target):
+    """A completion that searches instead of guessing (three numbers), or None if the puzzle has no answer.
+
+    Every expression over three numbers is (y op z) op' x: a pair, then the number left over. One
+    line per pair, in the prompt's order, until one works:
+        <think>
+        9 5: 14 4 45 -; 1: 1 3 - 2 2 -; no.
+        9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.
+        </think>
+        <answer>(9 + 1) / 5</answer>
+    After the pair (larger first), what it makes: y + z, y − z, y · z, y / z. After the number x left
+    over, what would reach the target t in one more step (_one_step_to): t − x, t + x, x − t, t / x,
+    t · x, x / t. Every slot is one operation, "-" where there is no whole number ≥ 0, and "!" marks
+    a value the pair makes: the first one is the answer. With three numbers no answer needs a
+    negative or fractional intermediate, so the search is complete: it answers exactly when `solve`
+    does (tests/test_calculator.py checks every easy puzzle).
+    """
+    if len(numbers) != 3:
+        raise ValueError(f"the search trace is for 3 numbers, got {len(numbers)}: {list(numbers)}")
+    (a, b, c), t = (int(n) for n in numbers), int(target)
+    lines = []
+    for (p, q), x in (((a, b), c), ((a, c), b), ((b, c), a)):
+        y, z = max(p, q), min(p, q)
+        makes = [y + z, y - z, y * z, y // z if z and y % z == 0 else None]
+        op_of = {}  # value -> the first operation that makes it
+        for v, op in zip(makes, "+-*/"):
+            if v is not None:
+                op_of.setdefault(v, op)
+        needs = _one_step_to(t, x, max(op_of))
+        show = lambda v: "-" if v is None else f"{v}!" if v in op_of else str(v)
+        line = f"{y} {z}: {' '.join(map(show, makes)).replace('!', '')}; {x}: {' '.join(map(show, needs))};"
+        hit = next((i for i, v in enumerate(needs) if v in op_of), None)
+        if hit is None:
+            lines.append(f"{line} no.")
+            continue
+        v, (op, x_first) = needs[hit], _SLOT_OPS[hit]
+        pair = (op_of[v], y, z)
+        last, tree = (f"{x} {op} {v}", (op, x, pair)) if x_first else (f"{v} {op} {x}", (op, pair, x))
+        lines.append(f"{line} {y} {op_of[v]} {z} = {v}, {last} = {t}, found it.")
+        think = "\n".join(lines)
+        return f"\n<think>\n{think}\n</think>\n<answer>{_checked(tree, t)}</answer>"
+    return None
+
+
+TRACES = ("attempts", "search")
+
+
+def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
     """n rows {"query", "completion"} in the WarmStart format (the offline cog_behav_all_strategies).
 
-    Each completion tries 0 to max_wrong wrong guesses (uniformly) before the solution.
+    trace "attempts": each completion tries 0 to max_wrong wrong guesses (uniformly) before the
+    solution (warmstart_completion). "search": a complete search, one line per pair of numbers
+    (search_completion; 3-number shapes only, such as easy).
     """
+    if trace not in TRACES:
+        raise ValueError(f"trace {trace!r}: use one of {', '.join(TRACES)}")
     rng, rows = random.Random(seed), []
     for p in puzzles_from_spec(shape, n, seed):
-        completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
-                                          wrong=rng.randint(0, max_wrong), rng=rng)
+        if trace == "search":
+            completion = search_completion(p["nums"], p["target"])
+        else:
+            completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
+                                              wrong=rng.randint(0, max_wrong), rng=rng)
         rows.append({"query": warmstart_query(p["nums"], p["target"]), "completion": completion,
                      "nums": p["nums"], "target": p["target"]})
     return rows
@@ -373,6 +438,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=1000, help="rows for --warmstart")
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
     parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
+    parser.add_argument("--trace", default="attempts", choices=TRACES,
+                        help="--warmstart traces: attempts (guesses, then the solution) or search (3 numbers)")
     args = parser.parse_args(argv)
 
     def fail(message):
@@ -383,7 +450,7 @@ def main(argv=None):
         if args.n < 1:
             fail(f"--n must be positive, got {args.n}")
         try:
-            rows = synthetic_warmstart(args.n, args.seed, args.shape)
+            rows = synthetic_warmstart(args.n, args.seed, args.shape, trace=args.trace)
         except ValueError as e:
             fail(str(e))
         with open(args.warmstart, "w") as f:

@@ -50,6 +50,7 @@ class Args:
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
     puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
+    trace: str = "attempts"           # --data synthetic traces: attempts (guesses, then the solution) | search (3 numbers)
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
 
@@ -94,9 +95,12 @@ def load_data(args):
     """(train rows, held-out rows) for --data, each a list of {prompt, completion, chat}."""
     if args.data == "synthetic":
         from calculator import synthetic_warmstart
-        train = synthetic_warmstart(args.synthetic_rows, args.seed, args.puzzles)
         test_shape = args.puzzles.partition(":")[0] + ":test"   # held-out puzzles: disjoint by construction
-        held = synthetic_warmstart(args.eval_rows, args.seed + 10_000, test_shape)
+        try:
+            train = synthetic_warmstart(args.synthetic_rows, args.seed, args.puzzles, trace=args.trace)
+            held = synthetic_warmstart(args.eval_rows, args.seed + 10_000, test_shape, trace=args.trace)
+        except ValueError as e:  # an unknown shape or trace, or a search trace for 4 numbers
+            raise InputError(f"--puzzles {args.puzzles} --trace {args.trace}: {e}") from None
         train, held = rows_from_records(train, "synthetic"), rows_from_records(held, "synthetic")
     elif args.data.endswith(".jsonl"):
         train = rows_from_records(read_jsonl(args.data), args.data)

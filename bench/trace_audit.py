@@ -3,17 +3,22 @@
     python bench/trace_audit.py out/tiny/eval/sft-greedy            # one evaluation directory
     python bench/trace_audit.py out/tiny-s*/eval/sft-greedy         # several: one row each
 
-Reads per_prompt.jsonl and checks each line of the synthetic WarmStart trace (calculator.warmstart_completion),
+Reads per_prompt.jsonl and checks each line of the synthetic WarmStart traces (calculator.py), either
+attempts (warmstart_completion)
     8 * 5 = 40, 40 - 6 = 34, not 38.        a miss, verdict "not"
     6 * 5 = 30, 30 + 8 = 38, found it.      a hit, verdict "found it"
+or search lines (search_completion)
+    9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.
 recomputing every step with exact fractions (parsed, never evaluated). Each line is honest (every step's
-arithmetic right) or not, and its verdict is right or wrong for the value it wrote. Prints, per directory:
+arithmetic right; for a search line, also both lists and their marks) or not, and its verdict is right
+or wrong for the values it wrote. Prints, per directory:
   solved        responses scored correct
   truncated     responses with no closing </think> (the token budget ran out)
-  lines         attempt lines; honest: % with every step right (step 1 / step 2 separately)
+  lines         trace lines; honest: % with every step right (step 1 / step 2 separately; for search
+                lines, the pair's list / the list of what reaches the target)
   false found   honest lines that say "found it" but miss the target (a wrong verdict)
   faked hit     lines whose last step is wrong and whose written result is the target (a made-up hit)
-  missed hit    honest lines that hit the target but say "not"
+  missed hit    honest lines that hit the target but say "not" / "no"
 """
 import json
 import os
@@ -23,10 +28,12 @@ from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from calculator import _APPLY  # noqa: E402  (the calculator's own operator table, exact on Fractions)
+from calculator import _APPLY, _one_step_to  # noqa: E402  (the calculator's own arithmetic, exact on Fractions)
 
 STEP = re.compile(r"\(?(\d+(?:/\d+)?)\)? ([-+*/]) \(?(\d+(?:/\d+)?)\)? = (-?\d+(?:/\d+)?)$")
 LINE = re.compile(r"(?P<steps>.*), (?:not -?\d+|(?P<found>found it))\.$")
+SEARCH = re.compile(r"(?P<y>\d+) (?P<z>\d+): (?P<makes>[-\d ]+); (?P<x>\d+): (?P<needs>[-\d! ]+); "
+                    r"(?:no\.|(?P<steps>.*), found it\.)$")
 
 
 def _number(text):
@@ -50,6 +57,27 @@ def audit_line(line, target):
     return {"steps_ok": steps_ok, "value": value, "found": m["found"] is not None, "hit": value == target}
 
 
+def audit_search_line(line, target):
+    """A search line → the same keys as audit_line: steps_ok = [the pair's list right, the second list right
+    (values and marks), and the found line's two steps]; "hit": the two true lists share a value."""
+    m = SEARCH.match(line.strip())
+    if not m:
+        return None
+    y, z, x = int(m["y"]), int(m["z"]), int(m["x"])
+    makes = [y + z, y - z, y * z, y // z if z and y % z == 0 else None]
+    made = {v for v in makes if v is not None}
+    needs = _one_step_to(target, x, max(made))
+    show = lambda v, mark: "-" if v is None else f"{v}!" if mark and v in made else str(v)
+    steps_ok = [m["makes"].split() == [show(v, False) for v in makes], m["needs"].split() == [show(v, True) for v in needs]]
+    value = None
+    if m["steps"]:
+        last = audit_line(m["steps"] + ", found it.", target)
+        steps_ok += last["steps_ok"] if last else [False]
+        value = last["value"] if last else None
+    hit = any(v in made for v in needs if v is not None)
+    return {"steps_ok": steps_ok, "value": value if m["steps"] else None, "found": m["steps"] is not None, "hit": hit}
+
+
 def audit(per_prompt_path):
     counts = dict.fromkeys(["responses", "solved", "truncated", "lines", "honest", "false_found", "faked_hit",
                             "missed_hit", "step1", "step1_ok", "step2", "step2_ok"], 0)
@@ -60,14 +88,14 @@ def audit(per_prompt_path):
             counts["truncated"] += "</think>" not in response
             think = response.split("<think>", 1)[-1].split("</think>", 1)[0]
             for line in think.strip().split("\n"):
-                a = audit_line(line, row["target"])
+                a = audit_line(line, row["target"]) or audit_search_line(line, row["target"])
                 if a is None:
                     continue
                 honest = all(a["steps_ok"])
                 counts["lines"] += 1
                 counts["honest"] += honest
                 counts["false_found"] += honest and a["found"] and not a["hit"]
-                counts["faked_hit"] += not a["steps_ok"][-1] and a["hit"]
+                counts["faked_hit"] += not a["steps_ok"][-1] and a["value"] == row["target"]
                 counts["missed_hit"] += honest and a["hit"] and not a["found"]
                 for k, ok in enumerate(a["steps_ok"][:2], 1):
                     counts[f"step{k}"] += 1

@@ -1,4 +1,5 @@
 """The Countdown calculator: answers always score 1.0, completeness against brute force, the CLI."""
+import itertools
 import json
 import random
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from calculator import make_puzzles, puzzles_from_spec, solution_steps, solve, synthetic_warmstart
+from calculator import make_puzzles, puzzles_from_spec, search_completion, solution_steps, solve, synthetic_warmstart
 from countdown_reward import score_response, warmstart_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,64 @@ def test_synthetic_traces_are_honest():
             reached = Fraction(steps[-1].split(" = ")[1]) == row["target"]
             assert verdict == ("found it." if reached else f"not {row['target']}."), line
         assert len(set(misses)) == len(misses) and found not in misses
+
+
+def test_search_trace_by_hand():
+    # (9, 5) makes 14 4 45, 9 / 5 is not whole; 1 needs 2 − 1 = 1, 2 + 1 = 3, 1 − 2 < 0, 2 / 1 = 2,
+    # 2 · 1 = 2 (≤ 45), 1 / 2 not whole: no value in both lists. (9, 1) makes 10 8 9 9; 5 needs
+    # 2 − 5 < 0, 7, 3, 2 / 5 no, 2 · 5 = 10 (≤ 10), 5 / 2 no: 10 is made by 9 + 1, and 10 / 5 = 2.
+    assert search_completion([9, 5, 1], 2) == (
+        "\n<think>\n9 5: 14 4 45 -; 1: 1 3 - 2 2 -; no.\n"
+        "9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.\n</think>\n<answer>(9 + 1) / 5</answer>")
+    # x − v = t, the pair on the right: 9 needs 7 − 9 < 0, 16, 9 − 7 = 2 (made by 4 − 2), 7 / 9 no, 63 > 8, 9 / 7 no.
+    assert search_completion([4, 2, 9], 7).split("\n")[2] == "4 2: 6 2 8 2; 9: - 16 2! - - -; 4 - 2 = 2, 9 - 2 = 7, found it."
+    assert search_completion([4, 2, 9], 7).endswith("<answer>9 - (4 - 2)</answer>")
+    assert search_completion([1, 1, 1], 50) is None
+    with pytest.raises(ValueError, match="3 numbers, got 4"):
+        search_completion([1, 2, 3, 4], 10)
+
+
+def test_search_trace_is_complete_on_every_easy_puzzle():
+    """It answers exactly when the exhaustive solver does, over all 3 numbers in 1–9 and targets 1–50."""
+    for nums in itertools.combinations_with_replacement(range(1, 10), 3):
+        for target in range(1, 51):
+            completion = search_completion(list(nums), target)
+            assert (completion is None) == (solve(list(nums), target) is None), (nums, target)
+            if completion:
+                assert score_response(completion, {"target": target, "numbers": list(nums)}) == 1.0
+
+
+def test_search_traces_are_honest():
+    """Each line's lists, marks and verdict recomputed independently; one line per pair, in the prompt's order."""
+    for row in synthetic_warmstart(300, seed=3, shape="easy:train", trace="search"):
+        a, b, c = row["nums"]
+        t = row["target"]
+        lines = row["completion"].split("</think>")[0].split("<think>\n")[1].strip().split("\n")
+        for line, ((p, q), x) in zip(lines, [((a, b), c), ((a, c), b), ((b, c), a)]):
+            pair, rest = line.split(": ", 1)
+            makes, rest = rest.split("; ", 1)
+            left, needs, verdict = rest.split(": ", 1)[0], *rest.split(": ", 1)[1].split("; ", 1)
+            y, z = max(p, q), min(p, q)
+            assert pair == f"{y} {z}" and left == str(x)
+            made = {y + z, y - z, y * z} | ({Fraction(y, z)} if z else set())
+            whole = [Fraction(v) for v in made if Fraction(v).denominator == 1]
+            assert makes.split() == [str(v) if Fraction(v).denominator == 1 else "-"
+                                     for v in (y + z, y - z, y * z, Fraction(y, z))]
+            # v + x, v − x, x − v, v · x, v / x, x / v = t, solved for v (v / x only up to what the pair makes)
+            want = [t - x, t + x, x - t, Fraction(t, x), t * x if t * x <= max(whole) else None, Fraction(x, t)]
+            shown = ["-" if v is None or v < 0 or Fraction(v).denominator != 1 else f"{v}!" if v in whole else str(v)
+                     for v in want]
+            assert needs.split() == shown, line
+            assert verdict.endswith("found it.") == any(s.endswith("!") for s in shown), line
+        assert lines[-1].endswith("found it.") and all(line.endswith("no.") for line in lines[:-1])
+        steps = lines[-1].split("; ")[-1].split(", ")[:2]
+        for step in steps:
+            left, value = step.split(" = ")
+            u, op, v = left.split()
+            assert {"+": Fraction(u) + Fraction(v), "-": Fraction(u) - Fraction(v), "*": Fraction(u) * Fraction(v),
+                    "/": Fraction(u) / Fraction(v)}[op] == Fraction(value), line
+        assert steps[1].endswith(f"= {t}")
+        assert score_response(row["completion"], {"target": t, "nums": row["nums"]}) == 1.0
 
 
 def run_cli(*args):

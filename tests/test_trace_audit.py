@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from calculator import solve, warmstart_completion  # noqa: E402
-from trace_audit import audit, audit_line  # noqa: E402
+from calculator import search_completion, solve, warmstart_completion  # noqa: E402
+from trace_audit import audit, audit_line, audit_search_line  # noqa: E402
 
 
 @pytest.mark.parametrize("line, target, steps_ok, value, found", [
@@ -42,3 +42,27 @@ def test_the_calculators_traces_audit_clean_and_a_model_trace_is_classified(tmp_
     assert (c["responses"], c["solved"], c["truncated"], c["lines"]) == (5, 3, 1, 9 + 3)
     assert (c["honest"], c["false_found"], c["faked_hit"], c["missed_hit"]) == (9 + 2, 1, 1, 0)
     assert (c["step2"], c["step2_ok"]) == (12, 11)
+
+
+@pytest.mark.parametrize("line, target, steps_ok, found, hit", [
+    ("9 5: 14 4 45 -; 1: 1 3 - 2 2 -; no.", 2, [True, True], False, False),
+    ("9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.", 2, [True, True, True, True], True, True),
+    ("9 1: 10 8 9 9; 5: - 7 3 - 10 -; no.", 2, [True, False], False, True),              # the mark is missing
+    ("8 5: 13 3 40 -; 6: 32 44 - - - -; 8 * 5 = 40, 40 - 6 = 38, found it.", 38,
+     [True, True, True, False], True, False),                                              # 40 − 6 is 34: made up
+    ("9 3: 12 6 27 -; 7: 29 43 - - - -; no.", 36, [False, True], False, False),            # 9 / 3 = 3 is left out
+])
+def test_audit_search_line_recomputes_both_lists(line, target, steps_ok, found, hit):
+    a = audit_search_line(line, target)
+    assert (a["steps_ok"], a["found"], a["hit"]) == (steps_ok, found, hit)
+    assert audit_line(line, target) is None
+
+
+def test_search_traces_audit_clean(tmp_path):
+    rows = [{"target": t, "responses": [search_completion(nums, t)], "scores": [1.0]}
+            for nums, t in [([8, 5, 6], 38), ([9, 5, 1], 2), ([7, 1, 5], 35), ([4, 2, 9], 7)]]
+    path = tmp_path / "per_prompt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = audit(path)
+    assert c["lines"] == sum(r["responses"][0].count("\n") - 3 for r in rows)
+    assert c["honest"] == c["lines"] and c["false_found"] == c["faked_hit"] == c["missed_hit"] == 0
