@@ -76,13 +76,12 @@ def rewards(model, input_ids, attention_mask, **_):
 @torch.no_grad()
 def score(model, tokenizer, prompts, responses, chat=True, batch_size=16):
     """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU."""
-    device, amp_dtype = device_and_dtype()
-    out = []
+    amp_dtype, out = device_and_dtype()[1], []
     for start in range(0, len(prompts), batch_size):
         examples = [encode_pair(tokenizer, p, r, chat) for p, r in zip(prompts[start:start + batch_size],
                                                                          responses[start:start + batch_size])]
         batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-        with torch.autocast(device, dtype=amp_dtype, enabled=device == "cuda"):
+        with torch.autocast(model.device.type, dtype=amp_dtype, enabled=model.device.type == "cuda"):
             out.append(rewards(model, **batch).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -145,7 +145,8 @@ def main(args):
         state = load_trainer_state(source)
         start_step = state["step"]
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
-    ref = load_model(args.model, tokenizer, device="cpu", seed=args.seed) if args.kl_coef else None
+    # π_ref in float32 like π_θ, so both run the same autocast arithmetic and the KL is exactly 0 at step 0
+    ref = load_model(args.model, tokenizer, dtype=torch.float32, device="cpu", seed=args.seed) if args.kl_coef else None
     rm = None
     if args.task == "ultrafeedback":
         import reward_model
