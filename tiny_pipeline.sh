@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in about 15 minutes (2 cores):
+# The whole method on a laptop CPU, offline, in about 18 minutes (2 cores):
 #   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
@@ -7,8 +7,10 @@
 #   QUICK=1 bash tiny_pipeline.sh out/quick  # the same chain, shortened to a minute (the test suite runs it)
 #
 # Every step is one plain command reading the previous step's directory: copy any line.
-# Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"); training uses the :train split, evaluation the
-# held-out :test split (disjoint by construction). The GPU recipe with Qwen2.5-0.5B is in README.md.
+# Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"). SFT learns a complete search (--trace search) on
+# the :sft split; RLOO samples all of :train (on the 377 puzzles of :rl alone the tiny model memorises
+# answers); DPO's pairs come from :rl, puzzles SFT never saw; evaluation uses the held-out :test split.
+# Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
 OUT=${1:-out/tiny}
 SEED=${2:-0}
@@ -17,17 +19,17 @@ if [ -n "${QUICK:-}" ]; then
 else
   SFT_STEPS=3000 RL_STEPS=300 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2
 fi
-TOKENS=128  # completion budget everywhere (a trace is 30–90 tokens)
+TOKENS=128  # completion budget everywhere (a search trace is 40–116 tokens)
 
-python sft.py --model tiny --data synthetic --puzzles easy:train --synthetic-rows 20000 --steps $SFT_STEPS \
-  --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 --save-every 1000 \
-  --seed $SEED --out-dir $OUT/sft
+python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search --synthetic-rows 20000 \
+  --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
+  --save-every 1000 --seed $SEED --out-dir $OUT/sft
 
-python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 1e-4 \
+python rloo.py --model $OUT/sft --puzzles easy:train --k 8 --prompts-per-step 8 --micro-prompts 8 --lr 3e-5 \
   --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS --eval-every 0 --sample-every 50 \
   --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
 
-python dpo.py --model $OUT/sft --data countdown --puzzles easy:train --pair-prompts $PAIRS --pair-samples 4 \
+python dpo.py --model $OUT/sft --data countdown --puzzles easy:rl --pair-prompts $PAIRS --pair-samples 4 \
   --pair-temperature 1.0 --pair-max-tokens $TOKENS --beta 0.1 --lr 1e-5 --batch-size 16 --grad-accum 1 \
   --steps $DPO_STEPS --eval-rows 100 --log-every 20 --eval-every 100 --save-every 1000 --seed $SEED --out-dir $OUT/dpo
 
