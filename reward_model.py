@@ -76,7 +76,8 @@ def rewards(model, input_ids, attention_mask, **_):
 @torch.no_grad()
 def score(model, tokenizer, prompts, responses, chat=True, batch_size=16):
     """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU."""
-    amp_dtype, out = device_and_dtype()[1], []
+    amp_dtype = device_and_dtype()[1]   # autocast follows the model's device, wherever it was placed
+    out = []
     for start in range(0, len(prompts), batch_size):
         examples = [encode_pair(tokenizer, p, r, chat) for p, r in zip(prompts[start:start + batch_size],
                                                                          responses[start:start + batch_size])]
