@@ -328,9 +328,11 @@ def collect(run_dirs, out_dir):
     keys = ("score", "acc", "format")
     lines = [f"| model | decoding | T | samples | max tokens | {' | '.join(keys)} |",
              "|---|---|---|---|---|" + "---|" * len(keys)]
+    acc = {}  # eval name -> accuracy of each run, for the changes from SFT below
     for name in names:
         results = [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs]
         rows = [result["rows"][0] for result in results]
+        acc[name] = [row["acc"][0] for row in rows] if all("acc" in row for row in rows) else None
         cells = []
         for k in keys:
             values = [row[k][0] for row in rows]
@@ -341,11 +343,30 @@ def collect(run_dirs, out_dir):
                      f"{' | '.join(cells)} |")
     spread = "± 95% interval" if len(runs) == 1 else f"mean ± sd over {len(runs)} runs"
     table = f"{spread}; {results[0]['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
+    table += accuracy_changes(acc) if len(runs) > 1 else ""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table)
     print(table, end="")
     plot_curves(runs[0], out_dir / "curves.png")
     return table
+
+
+def accuracy_changes(acc):
+    """Each stage's accuracy minus that of the SFT checkpoint it started from, run by run (the same seed, the same
+    decoding), in points: per run, then mean ± sd, the figure to hold against the spread between seeds."""
+    lines = []
+    for name, values in acc.items():
+        stage, _, decoding = name.partition("-")
+        sft = acc.get(f"sft-{decoding}")
+        if stage in ("base", "sft") or values is None or sft is None:
+            continue
+        change = 100 * (np.array(values) - np.array(sft))
+        lines.append(f"| {name} | {', '.join(f'{c:+.1f}' for c in change)} | "
+                     f"{change.mean():+.1f} ± {change.std(ddof=1):.1f} |")
+    if not lines:
+        return ""
+    return ("\nchange in accuracy from the SFT checkpoint of the same run, points\n\n"
+            "| model | per run | mean ± sd |\n|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def _stage_order(name):

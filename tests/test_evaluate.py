@@ -155,13 +155,18 @@ def test_collect_averages_runs_and_keeps_each_rows_settings(tmp_path):
     for run, greedy, sampled in (("s0", 0.50, 0.40), ("s1", 0.60, 0.44)):
         write(run, "sft-greedy", greedy, 1, 0.0)
         write(run, "sft-sampled", sampled, 2, 1.0)
+    write("s0", "rloo-greedy", 0.56, 1, 0.0)
+    write("s1", "rloo-greedy", 0.62, 1, 0.0)
     one = evaluate.collect([tmp_path / "s0"], tmp_path / "one")
     assert "± 95% interval; 500 held-out prompts" in one and "| sft-greedy | greedy | 0 | 1 | 128 | 0.500 ± 0.040 |" in one
+    assert "change in accuracy" not in one  # one run has no spread to hold a change against
     table = evaluate.collect([tmp_path / "s0", tmp_path / "s1"], tmp_path / "both")
     # mean and sample sd by hand: (0.50, 0.60) → 0.550 ± 0.0707; (0.40, 0.44) → 0.420 ± 0.0283
     assert table.startswith("mean ± sd over 2 runs; 500 held-out prompts")
     assert "| sft-greedy | greedy | 0 | 1 | 128 | 0.550 ± 0.071 | 0.550 ± 0.071 | 1.000 ± 0.000 |" in table
     assert "| sft-sampled | sampled | 1 | 2 | 128 | 0.420 ± 0.028 |" in table
+    # RLOO minus the same run's SFT, greedy: 0.56 − 0.50 and 0.62 − 0.60 → +6.0, +2.0 points: +4.0 ± 2.8
+    assert "| rloo-greedy | +6.0, +2.0 | +4.0 ± 2.8 |" in table
     assert (tmp_path / "both" / "results.md").read_text() == table
 
 
