@@ -76,7 +76,7 @@ def rewards(model, input_ids, attention_mask, **_):
 @torch.no_grad()
 def score(model, tokenizer, prompts, responses, chat=True, batch_size=16):
     """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU."""
-    amp_dtype = device_and_dtype()[1]   # autocast follows the model's device, wherever it was placed
+    amp_dtype = device_and_dtype()[1]   # bf16 where the GPU has it; autocast below takes the model's own device
     out = []
     for start in range(0, len(prompts), batch_size):
         examples = [encode_pair(tokenizer, p, r, chat) for p, r in zip(prompts[start:start + batch_size],
