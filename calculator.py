@@ -359,7 +359,7 @@ def _one_step_to(t, x, most):
 _SLOT_OPS = (("+", False), ("-", False), ("-", True), ("*", False), ("/", False), ("/", True))  # (op, x first)
 
 
-def search_completion(numbers, target):
+def search_completion(numbers, target, mark=True):
     """A completion that searches instead of guessing (three numbers), or None if the puzzle has no answer.
 
     Every expression over three numbers is (y op z) op' x: a pair, then the number left over. One
@@ -374,7 +374,8 @@ def search_completion(numbers, target):
     t · x, x / t. Every slot is one operation, "-" where there is no whole number ≥ 0, and "!" marks
     a value the pair makes: the first one is the answer. With three numbers no answer needs a
     negative or fractional intermediate, so the search is complete: it answers exactly when `solve`
-    does (tests/test_calculator.py checks every easy puzzle).
+    does (tests/test_calculator.py checks every easy puzzle). mark=False leaves out the "!" marks: the
+    verdict must then compare the two lists itself (the harder "search-unmarked" trace).
     """
     if len(numbers) != 3:
         raise ValueError(f"the search trace is for 3 numbers, got {len(numbers)}: {list(numbers)}")
@@ -388,7 +389,7 @@ def search_completion(numbers, target):
             if v is not None:
                 op_of.setdefault(v, op)
         needs = _one_step_to(t, x, max(op_of))
-        show = lambda v: "-" if v is None else f"{v}!" if v in op_of else str(v)
+        show = lambda v: "-" if v is None else f"{v}!" if mark and v in op_of else str(v)
         line = f"{y} {z}: {' '.join(map(show, makes)).replace('!', '')}; {x}: {' '.join(map(show, needs))};"
         hit = next((i for i, v in enumerate(needs) if v in op_of), None)
         if hit is None:
@@ -403,7 +404,7 @@ def search_completion(numbers, target):
     return None
 
 
-TRACES = ("attempts", "search")
+TRACES = ("attempts", "search", "search-unmarked")
 
 
 def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
@@ -411,14 +412,15 @@ def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
 
     trace "attempts": each completion tries 0 to max_wrong wrong guesses (uniformly) before the
     solution (warmstart_completion). "search": a complete search, one line per pair of numbers
-    (search_completion; 3-number shapes only, such as easy).
+    (search_completion; 3-number shapes only, such as easy). "search-unmarked": the same search
+    without the "!" marks, so a hit is seen only by comparing the two lists.
     """
     if trace not in TRACES:
         raise ValueError(f"trace {trace!r}: use one of {', '.join(TRACES)}")
     rng, rows = random.Random(seed), []
     for p in puzzles_from_spec(shape, n, seed):
-        if trace == "search":
-            completion = search_completion(p["nums"], p["target"])
+        if trace.startswith("search"):
+            completion = search_completion(p["nums"], p["target"], mark=trace == "search")
         else:
             completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
                                               wrong=rng.randint(0, max_wrong), rng=rng)

@@ -159,6 +159,12 @@ def test_search_trace_by_hand():
     assert search_completion([4, 2, 9], 7).split("\n")[2] == "4 2: 6 2 8 2; 9: - 16 2! - - -; 4 - 2 = 2, 9 - 2 = 7, found it."
     assert search_completion([4, 2, 9], 7).endswith("<answer>9 - (4 - 2)</answer>")
     assert search_completion([1, 1, 1], 50) is None
+    # mark=False: the same lists without the "!"; the verdict and the answer do not change.
+    assert search_completion([9, 5, 1], 2, mark=False).split("\n")[3] == (
+        "9 1: 10 8 9 9; 5: - 7 3 - 10 -; 9 + 1 = 10, 10 / 5 = 2, found it.")
+    row, = synthetic_warmstart(1, seed=0, shape="easy:sft", trace="search-unmarked")
+    marked = search_completion(row["nums"], row["target"])
+    assert "!" in marked and row["completion"] == marked.replace("!", "")
     with pytest.raises(ValueError, match="3 numbers, got 4"):
         search_completion([1, 2, 3, 4], 10)
 
