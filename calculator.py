@@ -441,7 +441,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
     parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
     parser.add_argument("--trace", default="attempts", choices=TRACES,
-                        help="--warmstart traces: attempts (guesses, then the solution) or search (3 numbers)")
+                        help="--warmstart traces: attempts (guesses, then the solution), search or search-unmarked (3 numbers)")
     args = parser.parse_args(argv)
 
     def fail(message):
