@@ -389,8 +389,9 @@ def search_completion(numbers, target, mark=True):
             if v is not None:
                 op_of.setdefault(v, op)
         needs = _one_step_to(t, x, max(op_of))
-        show = lambda v: "-" if v is None else f"{v}!" if mark and v in op_of else str(v)
-        line = f"{y} {z}: {' '.join(map(show, makes)).replace('!', '')}; {x}: {' '.join(map(show, needs))};"
+        plain = lambda v: "-" if v is None else str(v)
+        show = lambda v: f"{v}!" if mark and v in op_of else plain(v)
+        line = f"{y} {z}: {' '.join(map(plain, makes))}; {x}: {' '.join(map(show, needs))};"
         hit = next((i for i, v in enumerate(needs) if v in op_of), None)
         if hit is None:
             lines.append(f"{line} no.")
@@ -441,7 +442,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
     parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
     parser.add_argument("--trace", default="attempts", choices=TRACES,
-                        help="--warmstart traces: attempts (guesses, then the solution), search or search-unmarked (3 numbers)")
+                        help="--warmstart traces: attempts (guesses, then the solution), search or "
+                             "search-unmarked (3 numbers)")
     args = parser.parse_args(argv)
 
     def fail(message):
