@@ -405,7 +405,8 @@ def search_completion(numbers, target, mark=True):
     return None
 
 
-TRACES = ("attempts", "search", "search-unmarked")
+TRACES = ("attempts", "search", "search-unmarked", "search-mixed")
+MIXED_MARKED = 0.75  # "search-mixed": the share of rows whose search carries the "!" marks
 
 
 def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
@@ -414,14 +415,16 @@ def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
     trace "attempts": each completion tries 0 to max_wrong wrong guesses (uniformly) before the
     solution (warmstart_completion). "search": a complete search, one line per pair of numbers
     (search_completion; 3-number shapes only, such as easy). "search-unmarked": the same search
-    without the "!" marks, so a hit is seen only by comparing the two lists.
+    without the "!" marks, so a hit is seen only by comparing the two lists. "search-mixed": a coin
+    per row, marked with probability MIXED_MARKED: two ways to the verdict, one of which pays better.
     """
     if trace not in TRACES:
         raise ValueError(f"trace {trace!r}: use one of {', '.join(TRACES)}")
     rng, rows = random.Random(seed), []
     for p in puzzles_from_spec(shape, n, seed):
         if trace.startswith("search"):
-            completion = search_completion(p["nums"], p["target"], mark=trace == "search")
+            mark = trace == "search" or (trace == "search-mixed" and rng.random() < MIXED_MARKED)
+            completion = search_completion(p["nums"], p["target"], mark=mark)
         else:
             completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
                                               wrong=rng.randint(0, max_wrong), rng=rng)
@@ -442,8 +445,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
     parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
     parser.add_argument("--trace", default="attempts", choices=TRACES,
-                        help="--warmstart traces: attempts (guesses, then the solution), search or "
-                             "search-unmarked (3 numbers)")
+                        help="--warmstart traces: attempts (guesses, then the solution), search, "
+                             "search-unmarked or search-mixed (3 numbers)")
     args = parser.parse_args(argv)
 
     def fail(message):

@@ -50,7 +50,7 @@ class Args:
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
     puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
-    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked
+    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked | search-mixed
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
 

@@ -165,6 +165,11 @@ def test_search_trace_by_hand():
     row, = synthetic_warmstart(1, seed=0, shape="easy:sft", trace="search-unmarked")
     marked = search_completion(row["nums"], row["target"])
     assert "!" in marked and row["completion"] == marked.replace("!", "")
+    # search-mixed: each row is one of the two, marked with probability 3/4 (400 rows: sd 0.022).
+    rows = synthetic_warmstart(400, seed=0, shape="easy:sft", trace="search-mixed")
+    both = [(r["completion"], search_completion(r["nums"], r["target"])) for r in rows]
+    assert all(c in (m, m.replace("!", "")) for c, m in both)
+    assert 0.65 < sum(c == m for c, m in both) / len(both) < 0.85
     with pytest.raises(ValueError, match="3 numbers, got 4"):
         search_completion([1, 2, 3, 4], 10)
 
