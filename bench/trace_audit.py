@@ -7,11 +7,11 @@ Reads per_prompt.jsonl and checks each line of the synthetic WarmStart traces (c
 attempts (warmstart_completion)
     8 * 5 = 40, 40 - 6 = 34, not 38.        a miss, verdict "not"
     6 * 5 = 30, 30 + 8 = 38, found it.      a hit, verdict "found it"
-or search lines (search_completion)
+or search lines (search_completion; with or without the "!" marks)
     9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.
 recomputing every step with exact fractions (parsed, never evaluated). Each line is honest (every step's
-arithmetic right; for a search line, also both lists and their marks) or not, and its verdict is right
-or wrong for the values it wrote. Prints, per directory:
+arithmetic right; for a search line, also both lists, and the marks where it has any) or not, and its
+verdict is right or wrong for the values it wrote. Prints, per directory:
   solved        responses scored correct
   truncated     responses with no closing </think> (the token budget ran out)
   lines         trace lines; honest: % with every step right (step 1 / step 2 separately; for search
@@ -19,6 +19,7 @@ or wrong for the values it wrote. Prints, per directory:
   false found   honest lines that say "found it" but miss the target (a wrong verdict)
   faked hit     lines whose last step is wrong and whose written result is the target (a made-up hit)
   missed hit    honest lines that hit the target but say "not" / "no"
+  marked        search lines saying "found it" that carry a "!" (the route a search-mixed model took)
 """
 import json
 import os
@@ -58,8 +59,9 @@ def audit_line(line, target):
 
 
 def audit_search_line(line, target):
-    """A search line → the same keys as audit_line: steps_ok = [the pair's list right, the second list right
-    (values and marks), and the found line's two steps]; "hit": the two true lists share a value."""
+    """A search line → the keys of audit_line and "marked": steps_ok = [the pair's list right, the second
+    list right (its values, and its marks unless it has none: the search-unmarked form), and the found
+    line's two steps]; "hit": the two true lists share a value; "marked": the second list has a "!"."""
     m = SEARCH.match(line.strip())
     if not m:
         return None
@@ -68,19 +70,21 @@ def audit_search_line(line, target):
     made = {v for v in makes if v is not None}
     needs = _one_step_to(target, x, max(made))
     show = lambda v, mark: "-" if v is None else f"{v}!" if mark and v in made else str(v)
-    steps_ok = [m["makes"].split() == [show(v, False) for v in makes], m["needs"].split() == [show(v, True) for v in needs]]
+    marked = "!" in m["needs"]
+    steps_ok = [m["makes"].split() == [show(v, False) for v in makes], m["needs"].split() == [show(v, marked) for v in needs]]
     value = None
     if m["steps"]:
         last = audit_line(m["steps"] + ", found it.", target)
         steps_ok += last["steps_ok"] if last else [False]
         value = last["value"] if last else None
     hit = any(v in made for v in needs if v is not None)
-    return {"steps_ok": steps_ok, "value": value if m["steps"] else None, "found": m["steps"] is not None, "hit": hit}
+    return {"steps_ok": steps_ok, "value": value if m["steps"] else None, "found": m["steps"] is not None, "hit": hit,
+            "marked": marked}
 
 
 def audit(per_prompt_path):
     counts = dict.fromkeys(["responses", "solved", "truncated", "lines", "honest", "false_found", "faked_hit",
-                            "missed_hit", "step1", "step1_ok", "step2", "step2_ok"], 0)
+                            "missed_hit", "step1", "step1_ok", "step2", "step2_ok", "search_found", "marked"], 0)
     for row in map(json.loads, open(per_prompt_path)):
         for response, score in zip(row["responses"], row["scores"]):
             counts["responses"] += 1
@@ -97,6 +101,8 @@ def audit(per_prompt_path):
                 counts["false_found"] += honest and a["found"] and not a["hit"]
                 counts["faked_hit"] += not a["steps_ok"][-1] and a["value"] == row["target"]
                 counts["missed_hit"] += honest and a["hit"] and not a["found"]
+                counts["search_found"] += a["found"] and "marked" in a
+                counts["marked"] += a["found"] and a.get("marked", False)
                 for k, ok in enumerate(a["steps_ok"][:2], 1):
                     counts[f"step{k}"] += 1
                     counts[f"step{k}_ok"] += ok
@@ -108,7 +114,7 @@ def main(paths):
         sys.exit(__doc__)
     pct = lambda a, b: f"{100 * a / b:5.1f}" if b else "    -"
     print(f"{'directory':<40} {'solved':>6} {'trunc':>6} {'lines':>6} {'honest':>6} {'step1':>6} {'step2':>6} "
-          f"{'false found':>11} {'faked hit':>9} {'missed hit':>10}   (% of responses, then % of lines)")
+          f"{'false found':>11} {'faked hit':>9} {'missed hit':>10} {'marked':>6}   (% of responses, then % of lines)")
     for path in paths:
         file = Path(path) / "per_prompt.jsonl" if Path(path).is_dir() else Path(path)
         if not file.is_file():
@@ -117,7 +123,8 @@ def main(paths):
         n, lines = c["responses"], c["lines"]
         print(f"{str(path)[-40:]:<40} {pct(c['solved'], n):>6} {pct(c['truncated'], n):>6} {lines:>6} "
               f"{pct(c['honest'], lines):>6} {pct(c['step1_ok'], c['step1']):>6} {pct(c['step2_ok'], c['step2']):>6} "
-              f"{pct(c['false_found'], lines):>11} {pct(c['faked_hit'], lines):>9} {pct(c['missed_hit'], lines):>10}")
+              f"{pct(c['false_found'], lines):>11} {pct(c['faked_hit'], lines):>9} {pct(c['missed_hit'], lines):>10} "
+              f"{pct(c['marked'], c['search_found']):>6}")
 
 
 if __name__ == "__main__":

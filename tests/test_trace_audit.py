@@ -47,7 +47,8 @@ def test_the_calculators_traces_audit_clean_and_a_model_trace_is_classified(tmp_
 @pytest.mark.parametrize("line, target, steps_ok, found, hit", [
     ("9 5: 14 4 45 -; 1: 1 3 - 2 2 -; no.", 2, [True, True], False, False),
     ("9 1: 10 8 9 9; 5: - 7 3 - 10! -; 9 + 1 = 10, 10 / 5 = 2, found it.", 2, [True, True, True, True], True, True),
-    ("9 1: 10 8 9 9; 5: - 7 3 - 10 -; no.", 2, [True, False], False, True),              # the mark is missing
+    ("9 1: 10 8 9 9; 5: - 7 3 - 10 -; no.", 2, [True, True], False, True),               # unmarked: a missed hit
+    ("9 5: 14 4 45 -; 1: 1 3 - 2! 2 -; no.", 2, [True, False], False, False),             # 9, 5 do not make 2
     ("8 5: 13 3 40 -; 6: 32 44 - - - -; 8 * 5 = 40, 40 - 6 = 38, found it.", 38,
      [True, True, True, False], True, False),                                              # 40 − 6 is 34: made up
     ("9 3: 12 6 27 -; 7: 29 43 - - - -; no.", 36, [False, True], False, False),            # 9 / 3 = 3 is left out
@@ -66,3 +67,8 @@ def test_search_traces_audit_clean(tmp_path):
     c = audit(path)
     assert c["lines"] == sum(r["responses"][0].count("\n") - 3 for r in rows)
     assert c["honest"] == c["lines"] and c["false_found"] == c["faked_hit"] == c["missed_hit"] == 0
+    assert c["search_found"] == 4 and c["marked"] == 4
+    unmarked = [{**r, "responses": [r["responses"][0].replace("!", "")]} for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in unmarked[:3] + rows[3:]))
+    c = audit(path)
+    assert c["honest"] == c["lines"] and (c["search_found"], c["marked"]) == (4, 1)
