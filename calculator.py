@@ -416,7 +416,7 @@ def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
     solution (warmstart_completion). "search": a complete search, one line per pair of numbers
     (search_completion; 3-number shapes only, such as easy). "search-unmarked": the same search
     without the "!" marks, so a hit is seen only by comparing the two lists. "search-mixed": a coin
-    per row, marked with probability MIXED_MARKED: two ways to the verdict, one of which pays better.
+    per row, marked with probability MIXED_MARKED: two ways to the verdict, for RL to choose between.
     """
     if trace not in TRACES:
         raise ValueError(f"trace {trace!r}: use one of {', '.join(TRACES)}")
