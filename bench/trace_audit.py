@@ -101,8 +101,9 @@ def audit(per_prompt_path):
                 counts["false_found"] += honest and a["found"] and not a["hit"]
                 counts["faked_hit"] += not a["steps_ok"][-1] and a["value"] == row["target"]
                 counts["missed_hit"] += honest and a["hit"] and not a["found"]
-                counts["search_found"] += a["found"] and "marked" in a
-                counts["marked"] += a["found"] and a.get("marked", False)
+                if a["found"] and "marked" in a:  # a search line's verdict: which route it took
+                    counts["search_found"] += 1
+                    counts["marked"] += a["marked"]
                 for k, ok in enumerate(a["steps_ok"][:2], 1):
                     counts[f"step{k}"] += 1
                     counts[f"step{k}_ok"] += ok
