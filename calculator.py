@@ -406,7 +406,7 @@ def search_completion(numbers, target, mark=True):
 
 
 TRACES = ("attempts", "search", "search-unmarked", "search-mixed")
-MIXED_MARKED = 0.75  # "search-mixed": the share of rows whose search carries the "!" marks
+MIXED_MARKED = 0.25  # "search-mixed": the share of rows whose search carries the "!" marks (README compares 0.25 and 0.75)
 
 
 def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
