@@ -7,9 +7,11 @@
 #   QUICK=1 bash tiny_pipeline.sh out/quick  # the same chain, shortened to a minute (the test suite runs it)
 #
 # Every step is one plain command reading the previous step's directory: copy any line.
-# Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"). SFT learns a complete search (--trace search) on
-# the :sft split; RLOO samples all of :train (on the 377 puzzles of :rl alone the tiny model memorises
-# answers); DPO's pairs come from :rl, puzzles SFT never saw; evaluation uses the held-out :test split.
+# Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"). SFT learns a complete search on the :sft split, one
+# row in four with "!" marks on its hits and the rest without (--trace search-mixed; after the all-marked
+# search RL moved accuracy by less than a seed does); RLOO samples all of :train (on the 377 puzzles of :rl
+# alone the tiny model memorises answers); DPO's pairs come from :rl, puzzles SFT never saw; evaluation
+# uses the held-out :test split.
 # Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
 OUT=${1:-out/tiny}
@@ -21,7 +23,7 @@ else
 fi
 TOKENS=128  # completion budget everywhere (a search trace is 40–116 tokens)
 
-python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search --synthetic-rows 20000 \
+python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search-mixed --synthetic-rows 20000 \
   --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
   --save-every 1000 --seed $SEED --out-dir $OUT/sft
 
