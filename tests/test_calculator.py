@@ -170,8 +170,8 @@ def test_search_trace_by_hand():
     rows = synthetic_warmstart(400, seed=0, shape="easy:sft", trace="search-mixed")
     both = [(r["completion"], search_completion(r["nums"], r["target"])) for r in rows]
     assert all(c in (m, m.replace("!", "")) for c, m in both)
-    marked = sum(c == m for c, m in both)
-    assert 0 < marked < len(both) and abs(marked / len(both) - MIXED_MARKED) < 0.1
+    n_marked = sum(c == m for c, m in both)
+    assert 0 < n_marked < len(both) and abs(n_marked / len(both) - MIXED_MARKED) < 0.1
     with pytest.raises(ValueError, match="3 numbers, got 4"):
         search_completion([1, 2, 3, 4], 10)
 
