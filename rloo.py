@@ -13,7 +13,8 @@ normalisation, as in Eq. 8's 1/k Σ_i. Log-probs of sampled text always use the 
 
 The K samples of a prompt always share a micro-batch, so the KL, the baseline and the loss come out
 of one forward pass and one backward pass: no separate pass for "old" log-probs (one update per
-batch keeps the samples on-policy).
+batch keeps the samples on-policy). With β = 0, a prompt whose K rewards are all equal has zero
+advantages and is not passed through the model at all (the logged `live` share is what is left).
 
 Deviations from the spec: an optional penalty for completions that hit the length limit without
 stopping (--overlong-penalty, 0 by default).
@@ -74,6 +75,15 @@ def rloo_advantages(rewards):
 def kl_penalised_rewards(rewards, policy_logps, ref_logps, kl_coef):
     """Eq. 2 as a reward: R − β (log π_θ(y|x) − log π_ref(y|x)), per sequence, without gradient."""
     return rewards - kl_coef * (policy_logps - ref_logps).detach()
+
+
+def informative_prompts(rewards):
+    """Prompts whose K rewards differ, for a (prompts, K) tensor: the others have A_i = 0 for every sample.
+
+    With β = 0 such a prompt adds exactly nothing to Eq. 8's gradient, so its forward and backward passes
+    can be skipped; with β > 0 the KL makes its shaped rewards differ, and it is always kept.
+    """
+    return (rewards != rewards[:, :1]).any(1)
 
 
 def rloo_loss(advantages, logps, n_sequences):
@@ -200,11 +210,15 @@ def main(args):
                 ref_logps = torch.cat([_logps(ref, examples[i:i + args.micro_prompts * args.k], tokenizer, args, autocast)
                                        for i in range(0, len(examples), args.micro_prompts * args.k)]).cpu()
 
+        # with β = 0, prompts whose K rewards are all equal have zero advantages: no pass for them (β > 0 keeps
+        # all); the loss still divides by all P·K sequences, so the gradient is the one of the full step
+        live = informative_prompts(rewards.view(-1, args.k)) | (ref is not None)
+        rows = torch.arange(len(examples)).view(-1, args.k)[live].flatten()
         model.train()
         step_loss, kls = 0.0, []
-        for i in range(0, len(examples), args.micro_prompts * args.k):
-            part = slice(i, i + args.micro_prompts * args.k)
-            logps = _logps(model, examples[part], tokenizer, args, autocast)
+        for i in range(0, len(rows), args.micro_prompts * args.k):
+            part = rows[i:i + args.micro_prompts * args.k]
+            logps = _logps(model, [examples[j] for j in part], tokenizer, args, autocast)
             shaped = kl_penalised_rewards(rewards[part].to(device), logps, ref_logps[part].to(device), args.kl_coef)
             advantages = rloo_advantages(shaped.view(-1, args.k))
             loss = rloo_loss(advantages, logps.view(-1, args.k), len(examples))
@@ -212,6 +226,9 @@ def main(args):
             step_loss += loss.item()
             if ref is not None:
                 kls.append(logps.detach().cpu() - ref_logps[part])
+        if not live.any():  # a zero gradient rather than none, so AdamW's moments and decay step as on the full batch
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
         if not math.isfinite(step_loss):
             raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -227,7 +244,7 @@ def main(args):
                 metrics |= {"acc": (task_rewards == 1).float().mean().item(), "format": (task_rewards > 0).float().mean().item()}
             if ref is not None:  # with β = 0 there is no π_ref, and no KL is measured
                 metrics["kl"] = torch.cat(kls).mean().item()
-            metrics |= {"len": sum(map(len, completions)) / len(completions),
+            metrics |= {"live": live.float().mean().item(), "len": sum(map(len, completions)) / len(completions),
                         "stopped": sum(stopped) / len(stopped), "time": time.time() - tick}
             log_metrics(out_dir, step, args.steps, metrics)
             tick = time.time()

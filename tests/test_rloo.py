@@ -37,6 +37,29 @@ def test_equal_rewards_give_a_zero_gradient():
     assert (logps.grad == 0).all()
 
 
+def test_only_prompts_with_differing_rewards_are_informative():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.1], [0.0, 0.0, 0.1]])
+    assert rloo.informative_prompts(rewards).tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("reward", ["mixed", "uniform"])
+def test_skipping_uninformative_prompts_leaves_the_update_unchanged(tmp_path, monkeypatch, reward):
+    def score(task, prompts, texts, reward_model=None):   # half the prompts get one reward for all K samples
+        shares = digit_share(task, prompts, texts)
+        return torch.tensor([0.5 if reward == "uniform" or p["target"] % 2 else s for p, s in zip(prompts, shares)])
+    monkeypatch.setattr(rloo, "score_completions", score)
+    args = dict(model="tiny", puzzles="3to4:train", n_prompts=16, eval_prompts=0, k=4, prompts_per_step=4, micro_prompts=2,
+                steps=3, lr=1e-3, kl_coef=0.0, max_new_tokens=8, eval_every=0, sample_every=0)
+    skipping, _ = rloo.main(rloo.Args(**args, out_dir=str(tmp_path / "skip")))
+    live = [m["live"] for m in metrics(tmp_path / "skip") if "live" in m]
+    monkeypatch.setattr(rloo, "informative_prompts", lambda r: torch.ones(len(r), dtype=torch.bool))
+    full, _ = rloo.main(rloo.Args(**args, out_dir=str(tmp_path / "full")))
+    assert any(0 < x < 1 for x in live) if reward == "mixed" else live == [0, 0, 0]   # some skipped, some kept
+    tolerance = dict(atol=1e-6, rtol=1e-5) if reward == "mixed" else dict(atol=0, rtol=0)
+    for p, q in zip(skipping.parameters(), full.parameters()):
+        torch.testing.assert_close(p, q, **tolerance)
+
+
 def test_loss_is_minus_the_advantage_weighted_logprob_per_sequence():
     logps = torch.tensor([[-2.0, -4.0]], requires_grad=True)
     advantages = torch.tensor([[1.0, -1.0]])
@@ -95,7 +118,7 @@ def test_countdown_smoke_run_completes_with_every_metric(tmp_path):
                                    out_dir=str(tmp_path)))
     logged = metrics(tmp_path)
     train = [m for m in logged if "reward" in m]
-    assert len(train) == 2 and all({"loss", "reward", "acc", "format", "kl", "len", "stopped", "time"} <= set(m) for m in train)
+    assert len(train) == 2 and all({"loss", "reward", "acc", "format", "kl", "live", "len", "stopped", "time"} <= set(m) for m in train)
     assert [m["step"] for m in logged if "eval_acc" in m] == [0, 2]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1", "step-2"]
 
