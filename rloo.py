@@ -227,8 +227,8 @@ def main(args):
             if ref is not None:
                 kls.append(logps.detach().cpu() - ref_logps[part])
         if not live.any():  # a zero gradient rather than none, so AdamW's moments and decay step as on the full batch
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
         if not math.isfinite(step_loss):
             raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
