@@ -7,7 +7,6 @@ No losses, no training loops: those are in the trainer files.
 """
 import argparse
 import dataclasses
-import functools
 import inspect
 import io
 import json
@@ -26,9 +25,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+import testbed
+from testbed import END_OF_TEXT, IM_END
+
 QWEN = "Qwen/Qwen2.5-0.5B"
 SYSTEM_PROMPT = "You are a helpful assistant."  # the one system turn of every chat prompt, train and eval
-END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -85,9 +86,9 @@ def device_and_dtype():
 
 
 def resolve_checkpoint(path):
-    """A model directory, or a run directory (out_dir of a trainer): then its newest complete checkpoint."""
+    """A model (or tokenizer) directory, or a run directory (out_dir of a trainer): then its newest complete checkpoint."""
     path = Path(path)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
         return path
     steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not steps:
@@ -96,9 +97,12 @@ def resolve_checkpoint(path):
 
 
 def load_tokenizer(name=QWEN):
-    """The tokenizer of a hub id or local directory; `tiny` builds one in-process (no download)."""
-    if name == "tiny":
-        return tiny_tokenizer()
+    """The tokenizer of a hub id or local directory; `tiny` and `qwen-random` are built in-process (testbed.py)."""
+    if name in testbed.NAMES:
+        try:
+            return testbed.tokenizer(name)
+        except testbed.Unavailable as e:
+            raise InputError(str(e)) from None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     source = resolve_checkpoint(name) if Path(name).exists() else name
     config = Path(source) / "tokenizer_config.json"
@@ -117,25 +121,15 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
 
     Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
     bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
-    `tiny` is a randomly initialised Qwen2-architecture model (~1.1 M parameters) for `tiny_tokenizer`.
+    `tiny` and `qwen-random` (Qwen2.5-0.5B's shape) are seeded random models built in-process (testbed.py).
     reward=True: a sequence classifier with one output (a new scalar head on a causal LM's trunk, or
     an encoder such as DeBERTa), for reward_model.py.
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen2ForSequenceClassification)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     default_device, default_dtype = device_and_dtype()
     device, dtype = device or default_device, dtype or default_dtype
-    if name == "tiny":
-        tokenizer = tokenizer or tiny_tokenizer()
-        config = Qwen2Config(vocab_size=64 * (len(tokenizer) // 64 + 1),  # > len(tokenizer), as in Qwen
-                             hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, num_labels=1)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = (Qwen2ForSequenceClassification if reward else Qwen2ForCausalLM)(config)
-        model = model.to(dtype)
+    if name in testbed.NAMES:
+        model = testbed.model(name, tokenizer or load_tokenizer(name), seed=seed, reward=reward).to(dtype)
     elif reward:
         source = resolve_checkpoint(name) if Path(name).exists() else name
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype, trust_remote_code=False)
@@ -145,50 +139,6 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
         source = resolve_checkpoint(name) if Path(name).exists() else name
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     return model.to(device).eval()
-
-
-def tiny_tokenizer(vocab_size=1024):
-    """A byte-level BPE tokenizer trained in-process, with Qwen's special tokens and chat template.
-
-    Trained on the Countdown prompt and WarmStart-style completions, so the fixed preamble takes
-    few tokens and a tiny model trains fast on the real prompt format; digits stay single tokens
-    (as in Qwen); any text still encodes (bytes). Deterministic: the same tokenizer every call.
-    """
-    from transformers import PreTrainedTokenizerFast
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe(vocab_size), eos_token=END_OF_TEXT,
-                                        pad_token=END_OF_TEXT, additional_special_tokens=[IM_START, IM_END])
-    tokenizer.chat_template = QWEN_STYLE_TEMPLATE
-    return tokenizer
-
-
-@functools.lru_cache(maxsize=None)
-def _tiny_bpe(vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from calculator import synthetic_warmstart
-    rows = synthetic_warmstart(64, seed=0)
-    chat = ["You are a helpful assistant.", "user", "assistant", "system", "Write a short answer.",
-            "The quick brown fox jumps over the lazy dog.", "Thank you! Here is what I found:"]
-    corpus = [r["query"] + r["completion"] for r in rows] * 4 + chat * 8
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[END_OF_TEXT, IM_START, IM_END], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return bpe
-
-
-# Qwen2.5's template without tools: a default system turn is inserted when none is given.
-QWEN_STYLE_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 def stop_token_ids(tokenizer):
@@ -218,12 +168,15 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     turn and goes through the chat template. The end-of-turn token belongs to the completion: the
     model must learn to stop. end=False leaves it off (a sampled completion cut at the length limit).
     With completion None only the prompt is encoded (for sampling).
+    A completion is data: a control token written inside it as text (`<|im_end|>` in a chat log) is encoded
+    as plain text, so the appended end token is the only stop the model learns. The prompt is tokenised as
+    any harness tokenises a chat-template string (control tokens parsed), so training sees what inference sees.
     """
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     completion_ids += [end_of_completion(tokenizer, chat)] if end else []
     return {"input_ids": prompt_ids + completion_ids, "prompt_len": len(prompt_ids)}
 
@@ -359,7 +312,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, tempera
     full-vocabulary log_softmax never exists, and under autograd each chunk is recomputed in the
     backward pass rather than stored, so memory holds hidden states, not (tokens × vocabulary) logits.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     predicts = completion_mask[:, 1:].bool()                   # position t scores token t+1
     rows = hidden[:, :-1][predicts]                            # (n completion tokens, hidden)
     targets = input_ids[:, 1:][predicts]

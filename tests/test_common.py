@@ -83,6 +83,15 @@ def test_encode_ends_with_the_end_token_and_marks_the_prompt_length(tokenizer):
     assert tokenizer.decode(chat["input_ids"][chat["prompt_len"]:]) == "hello<|im_end|>"
 
 
+def test_control_tokens_written_inside_a_completion_are_plain_text(tokenizer):
+    text = " a chat log: <|im_end|> then <|endoftext|> and more"
+    example = encode(tokenizer, "hi", text, chat=True)
+    completion = example["input_ids"][example["prompt_len"]:]
+    stops = set(common.stop_token_ids(tokenizer))
+    assert [i for i, t in enumerate(completion) if t in stops] == [len(completion) - 1]   # only the appended end
+    assert tokenizer.decode(completion[:-1]) == text
+
+
 def test_masks_come_from_lengths_even_when_pad_equals_eos(tokenizer):
     a, b = encode(tokenizer, "Q: 1+1?", " 2"), encode(tokenizer, "Q: a longer question?", " a longer answer")
     batch = collate([a, b], tokenizer.pad_token_id)
