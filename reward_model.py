@@ -49,6 +49,7 @@ class Args:
     save_every: int = 200             # steps between checkpoints
     seed: int = 0                     # seeds data order and the head's initialisation
     resume: bool = False              # continue from out_dir's newest checkpoint
+    gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute
 
 
 def bt_loss(r_chosen, r_rejected):
@@ -68,7 +69,7 @@ def rewards(model, input_ids, attention_mask, **_):
     """One scalar per sequence: a causal trunk's head at the last real token (from lengths), else the encoder's."""
     if not hasattr(model, "score"):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(1) - 1
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
@@ -162,7 +163,9 @@ def main(args):
         state = load_trainer_state(source)
         start_step = state["step"]
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed, reward=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])

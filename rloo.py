@@ -60,6 +60,7 @@ class Args:
     save_every: int = 50                 # steps between checkpoints
     seed: int = 0                        # seeds prompts and sampling
     resume: bool = False                 # continue from out_dir's newest checkpoint
+    gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute
     vllm: bool = True                    # sample with vLLM when it is installed and CUDA is present
     vllm_memory: float = 0.3             # share of GPU memory vLLM may take
 
@@ -155,13 +156,15 @@ def main(args):
         state = load_trainer_state(source)
         start_step = state["step"]
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # π_ref in float32 like π_θ, so both run the same autocast arithmetic and the KL is exactly 0 at step 0
     ref = load_model(args.model, tokenizer, dtype=torch.float32, device="cpu", seed=args.seed) if args.kl_coef else None
     rm = None
     if args.task == "ultrafeedback":
         import reward_model
         rm = reward_model.load(args.reward_model, device="cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, int(args.warmup * args.steps)))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
@@ -250,7 +253,7 @@ def main(args):
             tick = time.time()
         if args.sample_every and step % args.sample_every == 0:
             print(f"  sample (reward {task_rewards[0]:.2f}): {texts[0]!r}")
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if held_prompts and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluate(step)
         if step % args.save_every == 0 and step != args.steps:
             save(step)
