@@ -433,6 +433,15 @@ def warmup_cosine(step, total, warmup_steps, floor=0.1):
     return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
 
 
+def adamw(model, lr, weight_decay=0.0):
+    """Fused AdamW over the model's trainable parameters; decay only matrices (and the embedding), never biases or
+    norm gains (HF/TRL's convention). Fused: one kernel per step, no full-size temporaries."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, check_intervals, collate, device_and_dtype, encode, generate, length_grouped_batches,
-                    load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics, preference_pairs,
-                    read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything,
-                    sequence_logprobs, set_rng_state, warmup_cosine)
+from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
+                    length_grouped_batches, load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics,
+                    preference_pairs, read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint,
+                    seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -49,6 +49,7 @@ class Args:
     steps: int = 0                    # optimizer steps (0: from --epochs)
     warmup: float = 0.1               # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
+    weight_decay: float = 0.0         # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
     max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out metrics; 0: none
@@ -226,7 +227,7 @@ def main(args):
     if device == "cuda":
         torch.cuda.empty_cache()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     start_step = 0
     if args.resume:
@@ -276,14 +277,14 @@ def main(args):
         if not math.isfinite(sums[0].item()):
             raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:
             loss, acc, margin, logp_c, logp_r = (sums / n_pairs).tolist()
             log_metrics(out_dir, step, total, {"loss": loss, "acc": acc, "margin": margin, "logp_chosen": logp_c,
-                                               "logp_rejected": logp_r, "lr": scheduler.get_last_lr()[0],
-                                               "time": time.time() - tick})
+                                               "logp_rejected": logp_r, "lr": lr, "time": time.time() - tick})
             tick = time.time()
         if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, check_intervals, collate, device_and_dtype, encode, length_grouped_batches, load_model,
-                    load_tokenizer, load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint, rng_state,
-                    run, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
+from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, length_grouped_batches,
+                    load_model, load_tokenizer, load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint,
+                    rng_state, run, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Args:
     lr: float = 1e-5                  # AdamW peak learning rate
     warmup: float = 0.03              # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
+    weight_decay: float = 0.0         # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out accuracies; 0: none
     eval_rows: int = 500              # held-out pairs
@@ -165,7 +166,7 @@ def main(args):
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed, reward=True).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
@@ -207,12 +208,13 @@ def main(args):
         if not math.isfinite(step_loss):
             raise SystemExit(f"reward_model.py: loss is {step_loss} at step {step}; stopped before the update")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:
             log_metrics(out_dir, step, total, {"loss": step_loss, "acc": correct / n_pairs, "margin": margin / n_pairs,
-                                               "lr": scheduler.get_last_lr()[0], "time": time.time() - tick})
+                                               "lr": lr, "time": time.time() - tick})
             tick = time.time()
         if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
+from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
                     load_tokenizer, load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint,
                     rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
@@ -49,6 +49,7 @@ class Args:
     lr: float = 1e-6                     # AdamW learning rate
     warmup: float = 0.0                  # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0               # max global gradient norm
+    weight_decay: float = 0.0            # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
     kl_coef: float = 0.001               # β in Eq. 2; 0 turns the KL term (and π_ref) off
     temperature: float = 1.0             # sampling temperature T, also applied to every log-prob of samples
     top_p: float = 1.0                   # nucleus sampling
@@ -164,7 +165,7 @@ def main(args):
     if args.task == "ultrafeedback":
         import reward_model
         rm = reward_model.load(args.reward_model, device="cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, int(args.warmup * args.steps)))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, check_intervals, collate, device_and_dtype, encode, generate, length_grouped_batches,
-                    load_model, load_tokenizer, load_trainer_state, log_metrics, read_jsonl, resolve_checkpoint,
-                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
+                    length_grouped_batches, load_model, load_tokenizer, load_trainer_state, log_metrics, read_jsonl,
+                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
+                    set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Args:
     steps: int = 0                    # optimizer steps (0: from --epochs)
     lr: float = 2e-5                  # AdamW peak learning rate (report 000)
     warmup: float = 0.05              # share of steps with linear warmup; then cosine decay to lr/10
-    weight_decay: float = 0.0         # AdamW weight decay
+    weight_decay: float = 0.0         # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
     grad_clip: float = 1.0            # max global gradient norm
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out losses (and a greedy sample); 0: none
@@ -189,7 +190,7 @@ def main(args):
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup_steps))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
@@ -233,13 +234,14 @@ def main(args):
             sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
                      f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         if step % args.log_every == 0 or step == total:
-            log_metrics(out_dir, step, total, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                               "grad_norm": grad_norm, "tokens": n_tokens, "time": time.time() - tick})
+            log_metrics(out_dir, step, total, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                                               "time": time.time() - tick})
             tick = time.time()
         if held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)

@@ -1,4 +1,6 @@
 """What every trainer shares: flags that must change how a step is computed, never what it computes."""
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,33 @@ def test_gradient_checkpointing_recomputes_the_same_update(trainer, tmp_path):
         assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
     for p, q in zip(runs[False].parameters(), runs[True].parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trainer", RUNS)
+def test_adamw_decays_nothing_by_default_and_never_biases_or_norms(trainer, tmp_path, monkeypatch):
+    module, args = RUNS[trainer]
+    groups = []
+    real = torch.optim.AdamW.__init__
+
+    def spy(self, params, *a, **kw):
+        params = list(params)
+        groups.append([(g.get("weight_decay", kw.get("weight_decay", 0.01)), g["params"]) for g in params]
+                      if isinstance(params[0], dict) else [(kw.get("weight_decay", 0.01), params)])
+        return real(self, params, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    for decay in (0.0, 0.1):
+        module.main(module.Args(model="tiny", steps=1, eval_every=0, weight_decay=decay,
+                                out_dir=str(tmp_path / str(decay)), **args))
+        (built,) = groups[-1:]
+        assert {wd for wd, params in built if any(p.ndim < 2 for p in params)} == {0.0}   # biases, norm gains
+        assert {wd for wd, params in built if any(p.ndim >= 2 for p in params)} == {decay}
+
+
+@pytest.mark.parametrize("trainer", ["sft", "dpo", "reward_model"])
+def test_the_logged_learning_rate_is_the_one_the_step_used(trainer, tmp_path):
+    module, args = RUNS[trainer]
+    module.main(module.Args(model="tiny", steps=4, warmup=0.5, eval_every=0, log_every=1, out_dir=str(tmp_path),
+                            **args))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lr = args["lr"]   # linear warmup over steps 1-2, then cosine from lr towards lr/10: steps 3, 4 at progress 0, ½
+    assert logged == pytest.approx([lr / 2, lr, lr, lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))])
