@@ -466,6 +466,8 @@ def set_rng_state(state):
 def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2):
     """Write out_dir/step-N atomically: a temporary directory, then one rename. Keep the newest `keep`.
 
+    The saved generation config names every stop id we sample with (<|im_end|> and <|endoftext|>).
+
     A kill -9 during the save leaves a `.tmp-*` directory that loading ignores, never a half checkpoint
     (an old checkpoint, too, is renamed out of sight before it is deleted).
     trainer_state holds what resuming needs (optimizer, scheduler, RNG states, step).
@@ -474,6 +476,9 @@ def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp = out_dir / f"step-{step}", out_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(model, "generation_config", None) is not None:   # so a stock harness (vLLM, pipeline) stops where we do
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))

@@ -219,6 +219,14 @@ def test_save_is_atomic_and_keeps_the_newest(tmp_path, tokenizer, model, monkeyp
         assert torch.equal(p, q)
 
 
+def test_a_checkpoint_names_every_stop_id_for_stock_harnesses(tmp_path, tokenizer, model):
+    from transformers import GenerationConfig
+    common.save_checkpoint(tmp_path, 1, model, tokenizer, Knobs(), {})
+    saved = GenerationConfig.from_pretrained(tmp_path / "step-1")
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
+    assert sorted(saved.eos_token_id) == sorted(stops) and saved.pad_token_id == tokenizer.pad_token_id
+
+
 def test_read_jsonl_names_file_row_and_column(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"query": "a", "completion": "b"}\n{"query": "c"}\n')
