@@ -70,11 +70,17 @@ def sft_loss(completion_logps, n_tokens):
 # ----------------------------------------------------------------------------------------------- data
 
 def first_turn(messages):
-    """(user text, assistant text) of a conversation's first exchange, or None."""
+    """(user text, assistant text) of a conversation's first exchange, or None.
+
+    A system turn the conversation opens with (smol-smoltalk's rewrite and summarise sources keep their
+    instruction there) goes in front of the user text: every prompt keeps our one system turn, and the
+    instruction the answer follows is not lost.
+    """
+    system = messages[0]["content"] if messages and messages[0].get("role") == "system" else ""
     turns = [m for m in messages if m.get("role") in ("user", "assistant")]
     if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
         return None
-    return turns[0]["content"], turns[1]["content"]
+    return (f"{system}\n\n{turns[0]['content']}" if system else turns[0]["content"]), turns[1]["content"]
 
 
 def rows_from_records(records, source):

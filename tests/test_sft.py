@@ -112,8 +112,17 @@ def test_cli_missing_column_is_one_line_naming_file_and_column(tmp_path):
 def test_chat_rows_use_the_first_turn(tmp_path):
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
                 {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
-    rows = sft.rows_from_records([{"messages": messages}], "x")
-    assert rows == [{"prompt": "u1", "completion": "a1", "chat": True}]
+    rows = sft.rows_from_records([{"messages": messages[1:]}, {"messages": messages}], "x")
+    assert rows == [{"prompt": "u1", "completion": "a1", "chat": True}, {"prompt": "s\n\nu1", "completion": "a1", "chat": True}]
+
+
+def test_a_smoltalk_system_instruction_reaches_the_prompt_under_our_one_system_turn(tokenizer):
+    records = [json.loads(line) for line in (ROOT / "tests" / "fixtures" / "smoltalk.jsonl").open()]
+    rewrite = next(r for r in records if r["source"] == "smol-rewrite")
+    row, = sft.rows_from_records([rewrite], "smoltalk")
+    prompt = tokenizer.decode(common.encode(tokenizer, row["prompt"], row["completion"], chat=True)["input_ids"])
+    assert prompt.count("<|im_start|>system\n") == 1 and f"<|im_start|>system\n{common.SYSTEM_PROMPT}<|im_end|>" in prompt
+    assert "<|im_start|>user\nRewrite the input text to make it more concise" in prompt
 
 
 def test_eval_every_0_turns_the_held_out_loss_off(tmp_path):
