@@ -12,7 +12,8 @@ log-probs are computed once, in a no-grad pass before training, and only the pol
 
 Countdown pairs: two completions per puzzle (--pair-samples) sampled from the SFT model at a
 non-zero temperature, scored by the rule reward; the best and the worst make the pair, ties are
-dropped; cached as JSONL in out_dir so they are built once.
+dropped (the spec's only filter: no length budget, the cap is --pair-max-tokens); cached as JSONL in
+out_dir so they are built once.
 
 Deviations from the spec: a completion cut at the length limit is scored without an end token it
 never produced.
@@ -50,7 +51,8 @@ class Args:
     warmup: float = 0.1               # share of steps with linear warmup; then cosine decay to lr/10
     grad_clip: float = 1.0            # max global gradient norm
     weight_decay: float = 0.0         # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
-    max_len: int = 1024               # token budget of prompt + response; longer pairs are dropped and counted
+    max_len: int = 1024               # token budget of prompt + response of file / UltraFeedback pairs; longer ones are
+                                      # dropped and counted (sampled Countdown pairs: capped by --pair-max-tokens)
     log_every: int = 10               # steps between log lines
     eval_every: int = 100             # steps between held-out metrics; 0: none
     eval_rows: int = 200              # held-out pairs
@@ -141,13 +143,13 @@ def rlaif_relabel(pairs, rm_path, min_score):
 
 # ----------------------------------------------------------------------------------------------- data
 
-def encode_pairs(tokenizer, pairs, max_len):
-    """[(chosen example, rejected example)], and the number of pairs dropped for length."""
+def encode_pairs(tokenizer, pairs, max_len=None):
+    """[(chosen example, rejected example)], and the number of pairs dropped for length (max_len None: none)."""
     encoded, dropped = [], 0
     for p in pairs:
         both = tuple(encode(tokenizer, p["prompt"], p[k], chat=p.get("chat", True), end=p.get(f"{k}_end", True))
                      for k in ("chosen", "rejected"))
-        if max(len(e["input_ids"]) for e in both) > max_len:
+        if max_len is not None and max(len(e["input_ids"]) for e in both) > max_len:
             dropped += 1
             continue
         encoded.append(both)
@@ -209,13 +211,16 @@ def main(args):
     held_pairs = held_pairs[:args.eval_rows]
     if args.rlaif_model:
         pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_min)
-    train, dropped = encode_pairs(tokenizer, pairs, args.max_len)
-    held, _ = encode_pairs(tokenizer, held_pairs, args.max_len)
+    # a sampled pair is as long as sampling let it be: a budget below prompt + --pair-max-tokens would drop exactly
+    # the completions cut at the cap, the pairs that teach stopping
+    budget = None if args.data == "countdown" else args.max_len
+    train, dropped = encode_pairs(tokenizer, pairs, budget)
+    held, _ = encode_pairs(tokenizer, held_pairs, budget)
     if not train:
-        raise InputError(f"no preference pairs left in --data {args.data} (dropped for length: {dropped})")
+        raise InputError(f"no preference pairs left in --data {args.data} (dropped over --max-len: {dropped})")
     per_step = args.batch_size * args.grad_accum
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
-    print(f"{len(train)} training pairs ({dropped} dropped over {args.max_len} tokens), {len(held)} held out | "
+    print(f"{len(train)} training pairs ({dropped} dropped over --max-len {budget}), {len(held)} held out | "
           f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | {device}")
 
     # 3. π_ref log-probs, once; then only the policy is kept

@@ -107,6 +107,21 @@ def test_countdown_pairs_are_built_from_samples_and_cached(tmp_path, capsys):
     assert "ties dropped" in capsys.readouterr().out
 
 
+def test_countdown_pairs_cut_at_the_sampling_cap_are_trained_on(tmp_path, monkeypatch):
+    # --max-len equal to --pair-max-tokens: every completion cut at the cap (prompt + cap tokens) is over the budget
+    monkeypatch.setattr(dpo, "score_response", lambda text, puzzle: float(len(text) % 7))   # few ties
+    args = dpo.Args(model="tiny", data="countdown", puzzles="3to4:train", pair_prompts=8, pair_max_tokens=24, max_len=24,
+                    batch_size=2, grad_accum=1, steps=1, eval_every=0, out_dir=str(tmp_path / "o"))
+    dpo.main(args)
+    pairs = common.read_jsonl(tmp_path / "o" / "countdown_pairs.jsonl")
+    cut = [p for p in pairs if not p["chosen_end"] or not p["rejected_end"]]
+    assert len(pairs) >= 6 and cut   # a random tiny model rarely stops inside 24 tokens
+    tokenizer = common.load_tokenizer("tiny")
+    (chosen, rejected), = dpo.encode_pairs(tokenizer, cut[:1])[0]
+    example = chosen if not cut[0]["chosen_end"] else rejected
+    assert example["input_ids"][-1] != tokenizer.eos_token_id and len(example["input_ids"]) > args.max_len
+
+
 def test_unencodable_preference_row_is_named(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
