@@ -96,6 +96,20 @@ def resolve_checkpoint(path):
     return steps[-1]
 
 
+SFT_RUNS = {"countdown": "out/sft", "ultrafeedback": "out/sft-smoltalk"}   # where the README's sft.py commands write
+
+
+def sft_run(model, task, flag="--task"):
+    """--model if given, else the SFT run of the task (SFT_RUNS); a one-line error when there is none."""
+    if model:
+        return model
+    if task not in SFT_RUNS:
+        raise InputError(f"--model: no default SFT checkpoint for {flag} {task}; pass the checkpoint to start from")
+    if not Path(SFT_RUNS[task]).exists():
+        raise InputError(f"--model: no SFT run for {task} at {SFT_RUNS[task]}; train it first (README) or pass --model")
+    return SFT_RUNS[task]
+
+
 def load_tokenizer(name=QWEN):
     """The tokenizer of a hub id or local directory; `tiny` and `qwen-random` are built in-process (testbed.py)."""
     if name in testbed.NAMES:
@@ -335,7 +349,8 @@ def _token_logprobs(rows, weight, bias, targets, temperature):
 # ------------------------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64):
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
+             batch_size=64):
     """Sample (temperature > 0) or decode greedily (temperature 0) a completion for each prompt.
 
     Returns a list of completion token lists, each cut after its first stop token (which is kept: it
@@ -350,7 +365,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     sample = temperature > 0  # every setting explicit: none inherited from a model's generation_config.json
     # (Qwen2.5-Instruct's asks for top_k 20, top_p 0.8, repetition_penalty 1.05); top_k 0 = off
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
-                              top_p=top_p if sample else 1.0, top_k=0 if sample else 50, repetition_penalty=1.0, eos_token_id=stops,
+                              top_p=top_p if sample else 1.0, top_k=0 if sample else 50,
+                              repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None)
     completions, stopped = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False,
@@ -391,10 +407,11 @@ class VLLMSampler:
         worker.model_runner.model.load_weights(((name, p.detach()) for name, p in model.state_dict().items()))
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0):
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0):
         from vllm import SamplingParams
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
-                                max_tokens=max_new_tokens, stop_token_ids=self.stops, skip_special_tokens=False,
+                                repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
+                                stop_token_ids=self.stops, skip_special_tokens=False,
                                 allowed_token_ids=list(range(len(self.tokenizer))))
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
         completions, stopped = [], []
@@ -409,12 +426,12 @@ class VLLMSampler:
 
 
 def make_sampler(model, tokenizer, path, use_vllm=True, gpu_memory_utilization=0.3, seed=0):
-    """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p) → (completions, stopped).
+    """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p, repetition_penalty) → (completions, stopped).
 
     vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the
     VLLMSampler, for `load_weights`); otherwise transformers' `generate` on `model` (engine None).
     """
-    if use_vllm and torch.cuda.is_available() and path != "tiny":
+    if use_vllm and torch.cuda.is_available() and path not in testbed.NAMES:
         try:
             engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed)
             return engine.generate, engine

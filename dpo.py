@@ -21,7 +21,7 @@ never produced.
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
                     length_grouped_batches, load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics,
                     preference_pairs, read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint,
-                    seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+                    seed_everything, sequence_logprobs, set_rng_state, sft_run, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
 @dataclass
 class Args:
-    model: str = "out/sft"            # π_θ at step 0 (the SFT checkpoint), and π_ref unless --ref-model
+    model: str = ""                   # π_θ at step 0 and π_ref unless --ref-model; empty: the task's SFT run (out/sft
+                                      # for --data countdown, out/sft-smoltalk for ultrafeedback; a file needs --model)
     ref_model: str = ""               # π_ref; empty: --model. Its log-probs are computed once, then it is freed
     data: str = "ultrafeedback"       # ultrafeedback | countdown (on-policy pairs) | a .jsonl with prompt, chosen, rejected
     eval_data: str = ""               # held-out pairs .jsonl; default: test_prefs, or the last eval_rows pairs
@@ -183,6 +184,7 @@ def main(args):
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
     out_dir = Path(args.out_dir)
+    args = replace(args, model=sft_run(args.model, args.data, flag="--data"))
     tokenizer = load_tokenizer(args.model)
     policy_source = resolve_checkpoint(out_dir) if args.resume else args.model
     model = load_model(str(policy_source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)

@@ -15,7 +15,8 @@ verifier scores highest) and tool-augmented numbers go in their own labelled row
 model-only ones. Writes results.json, results.md, per_prompt.jsonl and leaderboard.jsonl to --out-dir.
 
 UltraFeedback: the policy and the reference model answer the same prompts with the same sampling
-settings and the same chat template; a judge scores both; win rate = (wins + ½ ties) / prompts.
+settings and the same chat template; a judge scores both; win rate = wins / prompts (spec §1.5: a tie
+is not a win), beside it (wins + ½ ties) / prompts and the counts.
 Nemotron judgements are cached on disk (an interrupted run never asks twice); the API key is read
 from an environment variable and never printed or written.
 """
@@ -51,6 +52,7 @@ class Args:
     samples: int = 1                  # samples per prompt (pass@k for k ≤ samples)
     temperature: float = 0.0          # 0: greedy
     top_p: float = 1.0                # nucleus sampling
+    repetition_penalty: float = 1.0   # > 1 discourages repeated tokens (report 000 evaluated with 1.1 at T 0)
     max_new_tokens: int = 1024        # completion length limit
     best_of: str = ""                 # best-of-N with the rule verifier, e.g. "1,3,5,10"
     temperatures: str = ""            # best-of-N sweep temperatures, e.g. "0.3,0.7,1.0" (default: --temperature)
@@ -114,14 +116,16 @@ def tool_prompt(numbers, target):
 def sample_responses(sample, tokenizer, prompts, args, n, temperature):
     """n responses per prompt text, as decoded strings: a (prompts, n) list of lists."""
     ids = [encode(tokenizer, p)["input_ids"] for p in prompts for _ in range(n)]
-    completions, _ = sample(ids, max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p)
+    completions, _ = sample(ids, max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     return [texts[i:i + n] for i in range(0, len(texts), n)]
 
 
 def settings(args, temperature, samples):
     return {"temperature": temperature, "top_p": args.top_p if temperature > 0 else 1.0, "samples": samples,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy" if temperature == 0 else "sampled"}
+            "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
+            "decoding": "greedy" if temperature == 0 else "sampled"}
 
 
 def countdown(args, out_dir):
@@ -181,7 +185,9 @@ class NemotronJudge:
     """Rewards from an OpenAI-compatible chat-completions endpoint that answers "reward:<float>".
 
     Retries 429 and 5xx with exponential back-off; every judgement is appended to a JSONL cache at
-    once, so an interrupted run resumes without asking twice. The key lives only in the request header.
+    once, so an interrupted run resumes without asking twice. A request the endpoint refuses (HTTP 400,
+    413, 422: Nemotron's takes at most 4 096 tokens) is recorded as unjudged (None), cached too, and the
+    run goes on. The key lives only in the request header.
     """
 
     REPLY = re.compile(r"^\s*reward\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*$")
@@ -213,6 +219,9 @@ class NemotronJudge:
                     content = json.loads(reply.read())["choices"][0]["message"]["content"]
                 break
             except urllib.error.HTTPError as e:
+                if e.code in (400, 413, 422):
+                    print(f"judge at {self.url}: HTTP {e.code} {e.reason} (over its token limit?): recorded as unjudged")
+                    return None
                 if (e.code == 429 or e.code >= 500) and attempt < self.retries:
                     time.sleep(float(e.headers.get("Retry-After") or self.backoff * 2 ** attempt))
                     continue
@@ -231,11 +240,16 @@ class NemotronJudge:
 
 
 def win_rate(policy_rewards, reference_rewards):
-    """(wins + ½ ties) / n with a 95% interval, and the counts."""
-    p, r = np.asarray(policy_rewards, dtype=float), np.asarray(reference_rewards, dtype=float)
-    outcome = (p > r) + 0.5 * (p == r)
-    return {"win_rate": mean_ci(outcome), "wins": int((p > r).sum()), "ties": int((p == r).sum()),
-            "losses": int((p < r).sum())}
+    """Spec §1.5: a prompt counts 1 when the policy's reward is higher than the reference's, else 0; the mean with a
+    95% interval. Beside it the rate with ties counted ½, and the counts. A prompt either side of which the judge
+    could not score (None) is left out, and counted."""
+    judged = [(p, r) for p, r in zip(policy_rewards, reference_rewards) if p is not None and r is not None]
+    if not judged:
+        raise InputError(f"the judge scored none of the {len(policy_rewards)} prompts")
+    p, r = np.array(judged, dtype=float).T
+    return {"win_rate": mean_ci(p > r), "win_rate_ties_half": mean_ci((p > r) + 0.5 * (p == r)),
+            "wins": int((p > r).sum()), "ties": int((p == r).sum()), "losses": int((p < r).sum()),
+            "unjudged": len(policy_rewards) - len(judged)}
 
 
 def ultrafeedback(args, out_dir):
@@ -249,22 +263,23 @@ def ultrafeedback(args, out_dir):
         if not key:
             raise InputError(f"the judge needs an API key in the environment variable {args.api_key_env}")
         judge = NemotronJudge(args.judge_url, args.judge_model, key, out_dir / "judge_cache.jsonl")
-        rewards = lambda responses: [judge.reward(p, r) for p, r in zip(prompts, responses)]
+        rewards = lambda responses, stopped: [judge.reward(p, r) for p, r in zip(prompts, responses)]
     else:
         import reward_model
         rm, rm_tokenizer = reward_model.load(args.judge)
-        rewards = lambda responses: reward_model.score(rm, rm_tokenizer, prompts, responses).tolist()
+        rewards = lambda responses, stopped: reward_model.score(rm, rm_tokenizer, prompts, responses, ends=stopped).tolist()
 
-    answers = {}
+    answers, stops = {}, {}
     for name in (args.model, args.reference):  # same prompts, template and sampling settings for both
         tokenizer = load_tokenizer(name)
         model = load_model(name, tokenizer, seed=args.seed)
         sample, _ = make_sampler(model, tokenizer, name, args.vllm, seed=args.seed)
         ids = [encode(tokenizer, p, chat=True)["input_ids"] for p in prompts]
-        completions, _ = sample(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        completions, stops[name] = sample(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, repetition_penalty=args.repetition_penalty)
         answers[name] = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
         del model, sample
-    policy, reference = rewards(answers[args.model]), rewards(answers[args.reference])
+    policy, reference = (rewards(answers[name], stops[name]) for name in (args.model, args.reference))
     with open(out_dir / "per_prompt.jsonl", "w") as f:
         for row in zip(prompts, answers[args.model], answers[args.reference], policy, reference):
             f.write(json.dumps(dict(zip(("prompt", "response", "reference_response", "reward", "reference_reward"), row))) + "\n")
@@ -278,11 +293,14 @@ def ultrafeedback(args, out_dir):
 
 def markdown(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], tuple)))
-    head = ["label", "decoding", "T", "top-p", "samples", "max tokens", *keys]
+    counts = [k for k in ("wins", "ties", "losses", "unjudged") if any(k in r for r in rows)]
+    head = ["label", "decoding", "T", "top-p", "rep. penalty", "samples", "max tokens", *keys, *counts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], r["decoding"], f"{r['temperature']:g}", f"{r['top_p']:g}", str(r["samples"]), str(r["max_new_tokens"])]
+        cells = [r["label"], r["decoding"], f"{r['temperature']:g}", f"{r['top_p']:g}", f"{r['repetition_penalty']:g}",
+                 str(r["samples"]), str(r["max_new_tokens"])]
         cells += [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "" for k in keys]
+        cells += [str(r.get(k, "")) for k in counts]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -58,12 +58,13 @@ def bt_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def encode_pair(tokenizer, prompt, response, chat=True):
+def encode_pair(tokenizer, prompt, response, chat=True, end=True):
     """A (prompt, response) as the reward model reads it. Causal trunks use common.encode (the chat
-    template and the end-of-turn token); encoders without a chat template use their own pair format."""
+    template and the end-of-turn token; end=False: a response cut at the length limit, scored without
+    the end it never produced); encoders without a chat template use their own pair format."""
     if tokenizer.chat_template is None:
         return {"input_ids": tokenizer(prompt, response)["input_ids"], "prompt_len": 0}
-    return encode(tokenizer, prompt, response, chat=chat)
+    return encode(tokenizer, prompt, response, chat=chat, end=end)
 
 
 def rewards(model, input_ids, attention_mask, **_):
@@ -76,13 +77,18 @@ def rewards(model, input_ids, attention_mask, **_):
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts, responses, chat=True, batch_size=16):
-    """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU."""
+def score(model, tokenizer, prompts, responses, chat=True, ends=None, batch_size=16):
+    """Rewards for (prompt, response) pairs, formatted exactly as in training; a (n,) float tensor on the CPU.
+
+    ends[i] False: response i was cut at the length limit; it is scored as sampled, without an end-of-turn
+    token, so the reward model can see it never finished (rloo.py's --overlong-penalty can add a cost).
+    """
     amp_dtype = device_and_dtype()[1]   # bf16 where the GPU has it; autocast below takes the model's own device
+    ends = [True] * len(prompts) if ends is None else list(ends)
     out = []
     for start in range(0, len(prompts), batch_size):
-        examples = [encode_pair(tokenizer, p, r, chat) for p, r in zip(prompts[start:start + batch_size],
-                                                                         responses[start:start + batch_size])]
+        chunk = zip(prompts[start:start + batch_size], responses[start:start + batch_size], ends[start:start + batch_size])
+        examples = [encode_pair(tokenizer, p, r, chat, end) for p, r, end in chunk]
         batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
         with torch.autocast(model.device.type, dtype=amp_dtype, enabled=model.device.type == "cuda"):
             out.append(rewards(model, **batch).cpu())

@@ -16,25 +16,30 @@ of one forward pass and one backward pass: no separate pass for "old" log-probs 
 batch keeps the samples on-policy). With β = 0, a prompt whose K rewards are all equal has zero
 advantages and is not passed through the model at all (the logged `live` share is what is left).
 
+A reward model reads each completion as it was sampled: one cut at --max-new-tokens keeps no
+end-of-turn token, so the RM sees it never finished.
+
 Deviations from the spec: an optional penalty for completions that hit the length limit without
-stopping (--overlong-penalty, 0 by default).
+stopping (--overlong-penalty, 0 by default; TRL's missing_eos_penalty).
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
                     load_tokenizer, load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint,
-                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, warmup_cosine)
+                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, sft_run,
+                    warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
 @dataclass
 class Args:
-    model: str = "out/sft"               # π_θ at step 0 (the SFT checkpoint); a frozen copy is π_ref
+    model: str = ""                      # π_θ at step 0, a frozen copy is π_ref; empty: the task's SFT run (out/sft,
+                                         # or out/sft-smoltalk for --task ultrafeedback)
     task: str = "countdown"              # countdown (rule reward) | ultrafeedback (--reward-model)
     reward_model: str = "out/rm"         # reward_model.py's output, for --task ultrafeedback
     puzzles: str = "hub"                 # Countdown prompts: hub (rows 0…) | a shape (3to4, easy, course; :train/:test/:sft/:rl) | a .jsonl
@@ -54,7 +59,7 @@ class Args:
     temperature: float = 1.0             # sampling temperature T, also applied to every log-prob of samples
     top_p: float = 1.0                   # nucleus sampling
     max_new_tokens: int = 1024           # completion length limit
-    overlong_penalty: float = 0.0        # subtracted from the reward of a completion that never stopped
+    overlong_penalty: float = 0.0        # subtracted from the reward of a completion cut at the limit (TRL: missing_eos_penalty)
     log_every: int = 1                   # steps between log lines
     sample_every: int = 10               # steps between printed sample completions
     eval_every: int = 50                 # steps between greedy held-out evaluations; 0: none
@@ -106,15 +111,13 @@ def load_prompts(args, tokenizer):
         rows = load_puzzles(args.puzzles, total, seed=args.seed)
         rows = [{**p, "text": warmstart_query(p["nums"], p["target"])} for p in rows]
         chat = False
-    elif args.task == "ultrafeedback":
+    else:
         if args.prompts == "ultrafeedback":
             from datasets import load_dataset
             records = load_dataset("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs").select(range(total))
         else:
             records = read_jsonl(args.prompts, required=("prompt",))[:total]
         rows, chat = [{"text": r["prompt"]} for r in records], True
-    else:
-        raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
     for r in rows:
         r["ids"] = encode(tokenizer, r["text"], chat=chat)["input_ids"]
     if len(rows) <= args.eval_prompts:
@@ -122,13 +125,14 @@ def load_prompts(args, tokenizer):
     return rows[args.eval_prompts:], rows[:args.eval_prompts]
 
 
-def score_completions(task, prompts, texts, reward_model=None):
-    """Rewards of decoded completions: the rule reward (as the original evaluation scores a response), or an RM."""
+def score_completions(task, prompts, texts, reward_model=None, stopped=None):
+    """Rewards of decoded completions: the rule reward (as the original evaluation scores a response), or an RM,
+    which reads each completion as sampled: one cut at the length limit (stopped False) gets no end-of-turn token."""
     if task == "countdown":
         return torch.tensor([score_response(t, p) for p, t in zip(prompts, texts)])
     import reward_model as rm
     model, tokenizer = reward_model
-    return rm.score(model, tokenizer, [p["text"] for p in prompts], texts)
+    return rm.score(model, tokenizer, [p["text"] for p in prompts], texts, ends=stopped)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -136,12 +140,15 @@ def score_completions(task, prompts, texts, reward_model=None):
 def main(args):
     # 1. setup
     check_intervals(args)
+    if args.task not in ("countdown", "ultrafeedback"):
+        raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
     if args.k < 2:
         raise InputError(f"--k {args.k}: the leave-one-out baseline needs K ≥ 2")
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
     out_dir = Path(args.out_dir)
+    args = replace(args, model=sft_run(args.model, args.task))
     tokenizer = load_tokenizer(args.model)
     train_prompts, held_prompts = load_prompts(args, tokenizer)
     per_step = args.prompts_per_step * args.k
@@ -185,7 +192,7 @@ def main(args):
         completions, stopped = sample([p["ids"] for p in held_prompts], max_new_tokens=args.max_new_tokens, temperature=0)
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, held_prompts, texts, rm)
+            rewards = score_completions(args.task, held_prompts, texts, rm, stopped)
         metrics = {"eval_reward": rewards.mean().item()}
         if args.task == "countdown":
             metrics |= {"eval_acc": (rewards == 1).float().mean().item(), "eval_format": (rewards > 0).float().mean().item()}
@@ -203,7 +210,7 @@ def main(args):
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, [p for p in prompts for _ in range(args.k)], texts, rm).float()
+            rewards = score_completions(args.task, [p for p in prompts for _ in range(args.k)], texts, rm, stopped).float()
         task_rewards = rewards.clone()
         rewards -= args.overlong_penalty * (~torch.tensor(stopped)).float()
         examples = [{"input_ids": p["ids"] + c, "prompt_len": len(p["ids"])}

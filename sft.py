@@ -18,13 +18,13 @@ skipped (and counted) rather than truncated, which would cut off the end-of-turn
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
+from common import (SFT_RUNS, InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
                     length_grouped_batches, load_model, load_tokenizer, load_trainer_state, log_metrics, read_jsonl,
                     resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
                     set_rng_state, warmup_cosine)
@@ -35,7 +35,8 @@ class Args:
     model: str = "Qwen/Qwen2.5-0.5B"  # hub id, model directory, run directory, or `tiny` (CPU, no download)
     data: str = "warmstart"           # warmstart | smoltalk | synthetic | a .jsonl with {query, completion} or {messages}
     eval_data: str = ""               # held-out .jsonl; default: the dataset's test split, or a file's last eval_rows rows
-    out_dir: str = "out/sft"          # checkpoints (step-N/) and metrics.jsonl
+    out_dir: str = ""                 # checkpoints (step-N/), metrics.jsonl; empty: out/sft-smoltalk for --data smoltalk,
+                                      # else out/sft (where dpo.py and rloo.py look for the task's SFT run)
     max_len: int = 1024               # token budget of prompt + completion; longer rows are skipped and counted
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 8               # micro-batches per optimizer step (report 000: 8 × 8)
@@ -171,6 +172,8 @@ def main(args):
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    task = "ultrafeedback" if args.data == "smoltalk" else "countdown"
+    args = replace(args, out_dir=args.out_dir or SFT_RUNS[task])
     out_dir = Path(args.out_dir)
 
     # 2. data

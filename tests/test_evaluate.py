@@ -66,10 +66,19 @@ def test_tool_prompt_carries_a_solution_that_scores_one():
     assert prompt.index("The correct answer") < prompt.index("Assistant:")
 
 
-def test_win_rate_counts_ties_as_half():
-    r = evaluate.win_rate([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0])
-    assert (r["wins"], r["ties"], r["losses"]) == (2, 1, 1)
-    assert r["win_rate"][0] == pytest.approx(2.5 / 4)
+def test_win_rate_is_the_specs_with_ties_half_beside_it():
+    r = evaluate.win_rate([1.0, 2.0, 3.0, 5.0, None], [0.0, 2.0, 4.0, 1.0, 7.0])
+    assert (r["wins"], r["ties"], r["losses"], r["unjudged"]) == (2, 1, 1, 1)
+    assert r["win_rate"][0] == pytest.approx(2 / 4)              # spec §1.5: 1 if the policy's reward is higher, else 0
+    assert r["win_rate_ties_half"][0] == pytest.approx(2.5 / 4)
+
+
+def test_repetition_penalty_reaches_generation(model, tokenizer):
+    prompt = common.encode(tokenizer, "Q: 1 1 1 1 ?")["input_ids"]
+    plain, _ = common.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0)
+    penalised, _ = common.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0, repetition_penalty=1e6)
+    assert len(set(plain[0])) < len(plain[0])                            # greedy repeats itself here …
+    assert len(set(penalised[0])) == len(penalised[0]) and not set(penalised[0]) & set(prompt)   # … penalised, never
 
 
 # -------------------------------------------------------------------------------- the judge client
@@ -132,6 +141,27 @@ def test_server_errors_after_retries_are_one_clear_error(judge_server, tmp_path)
     with pytest.raises(common.InputError, match="HTTP 503") as e:
         judge.reward("p", "r")
     assert SECRET not in str(e.value)
+
+
+def test_a_refused_request_is_unjudged_cached_and_the_run_goes_on(judge_server, tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("JUDGE_KEY", SECRET)
+    reference = common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu", seed=5)   # answers otherwise
+    reference.save_pretrained(tmp_path / "ref")
+    tokenizer.save_pretrained(tmp_path / "ref")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "short"}\n{"prompt": "very long"}\n')
+    # policy's two answers, then the reference's: the second prompt's policy answer is refused (over 4 096 tokens)
+    Judge.plan = [(200, "reward:2.0"), (400, "too long"), (200, "reward:1.0"), (200, "reward:0.0")]
+    args = evaluate.Args(task="ultrafeedback", model="tiny", reference=str(tmp_path / "ref"), prompts=str(prompts),
+                         judge_url=judge_server,
+                         api_key_env="JUDGE_KEY", max_new_tokens=4, repetition_penalty=1.1, out_dir=str(tmp_path / "o"))
+    row = evaluate.main(args)["rows"][0]
+    assert (row["wins"], row["unjudged"], row["win_rate"][0], row["repetition_penalty"]) == (1, 1, 1.0, 1.1)
+    assert "| 1.1 |" in (tmp_path / "o" / "results.md").read_text()
+    cached = common.read_jsonl(tmp_path / "o" / "judge_cache.jsonl")
+    assert [r["reward"] for r in cached] == [2.0, None, 1.0, 0.0]
+    evaluate.main(args)                                          # a rerun asks nothing again
+    assert len(Judge.seen) == 4
 
 
 def test_missing_api_key_names_the_variable(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_only_prompts_with_differing_rewards_are_informative():
 
 @pytest.mark.parametrize("reward", ["mixed", "uniform"])
 def test_skipping_uninformative_prompts_leaves_the_update_unchanged(tmp_path, monkeypatch, reward):
-    def score(task, prompts, texts, reward_model=None):   # half the prompts get one reward for all K samples
+    def score(task, prompts, texts, reward_model=None, stopped=None):   # half the prompts: one reward for all K
         shares = digit_share(task, prompts, texts)
         return torch.tensor([0.5 if reward == "uniform" or p["target"] % 2 else s for p, s in zip(prompts, shares)])
     monkeypatch.setattr(rloo, "score_completions", score)
@@ -79,7 +79,7 @@ def test_eq2_kl_is_folded_into_the_reward_without_gradient():
     assert not shaped.requires_grad
 
 
-def digit_share(task, prompts, texts, reward_model=None):
+def digit_share(task, prompts, texts, reward_model=None, stopped=None):
     """A simple verifiable reward: the share of characters that are digits."""
     return torch.tensor([sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts])
 
@@ -140,6 +140,28 @@ def test_ultrafeedback_task_scores_with_a_reward_model(tmp_path, tokenizer):
                         out_dir=str(tmp_path / "o")))
     logged = metrics(tmp_path / "o")
     assert "eval_reward" in logged[0] and "acc" not in logged[1] and logged[1]["reward"] != 0
+
+
+def test_the_reward_model_reads_a_cut_completion_without_an_end_of_turn(tmp_path, tokenizer, monkeypatch):
+    import common
+    import reward_model
+    rm = common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu", seed=1, reward=True)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(6)))
+    read, real = [], reward_model.rewards
+
+    def spy(model, input_ids, attention_mask, **kw):   # the last real token of every sequence the RM scores
+        read.extend(input_ids[range(len(input_ids)), attention_mask.sum(1) - 1].tolist())
+        return real(model, input_ids, attention_mask, **kw)
+    monkeypatch.setattr(reward_model, "rewards", spy)
+    rloo.main(rloo.Args(model="tiny", task="ultrafeedback", reward_model=str(tmp_path / "rm"), prompts=str(prompts),
+                        n_prompts=4, eval_prompts=0, k=2, prompts_per_step=2, steps=1, max_new_tokens=3,
+                        out_dir=str(tmp_path / "o")))
+    stopped = metrics(tmp_path / "o")[0]["stopped"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(read) == 4 and sum(t == im_end for t in read) == round(4 * stopped) < 4   # cut ones end without it
 
 
 def test_resume_2_plus_2_steps_equals_4_steps(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import dpo
 import reward_model
 import rloo
@@ -64,3 +65,20 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(trainer, tmp_path):
     logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lr = args["lr"]   # linear warmup over steps 1-2, then cosine from lr towards lr/10: steps 3, 4 at progress 0, ½
     assert logged == pytest.approx([lr / 2, lr, lr, lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))])
+
+
+def test_each_task_starts_from_its_own_sft_run_or_says_which_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # no out/ here
+    with pytest.raises(common.InputError, match="--model: no SFT run for ultrafeedback at out/sft-smoltalk"):
+        dpo.main(dpo.Args())                                           # UltraFeedback by default
+    with pytest.raises(common.InputError, match="--model: no SFT run for ultrafeedback at out/sft-smoltalk"):
+        rloo.main(rloo.Args(task="ultrafeedback"))
+    with pytest.raises(common.InputError, match="--model: no SFT run for countdown at out/sft"):
+        rloo.main(rloo.Args())
+    with pytest.raises(common.InputError, match="--model: no default SFT checkpoint for --data prefs.jsonl"):
+        dpo.main(dpo.Args(data="prefs.jsonl"))
+    # sft.py writes each task's run where they look: smoltalk → out/sft-smoltalk
+    rows = [{"prompt": "hi", "completion": "hello", "chat": True}] * 4
+    monkeypatch.setattr(sft, "load_data", lambda args: (rows, rows[:1]))
+    sft.main(sft.Args(model="tiny", data="smoltalk", steps=1, batch_size=2, grad_accum=1, eval_every=0))
+    assert common.sft_run("", "ultrafeedback") == "out/sft-smoltalk" and (tmp_path / "out/sft-smoltalk/step-1").is_dir()
