@@ -2,7 +2,7 @@
 
     python dpo.py --model out/sft-smoltalk                                   # UltraFeedback (GPU)
     python dpo.py --model out/sft --data countdown                           # on-policy Countdown pairs (spec §1.3)
-    python dpo.py --model out/sft-smoltalk --rlaif-model out/rm --rlaif-min -10   # RLAIF relabelling (report 000)
+    python dpo.py --model out/sft-smoltalk --rlaif-model out/rm --rlaif-drop 0.2  # RLAIF relabelling (report 000)
     python dpo.py --model tiny --data prefs.jsonl --steps 50 --lr 1e-3      # CPU, no downloads
 
 Eq. 7: L = −E log σ(β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x)), averaged over pairs;
@@ -68,7 +68,7 @@ class Args:
     pair_max_tokens: int = 1024       # max new tokens of a sampled completion
     pairs_file: str = ""              # Countdown pair cache; default out_dir/countdown_pairs.jsonl
     rlaif_model: str = ""             # RLAIF: a reward model directory that rescores and reorders every pair
-    rlaif_min: float = -math.inf      # RLAIF: drop pairs whose chosen response scores below this (report 000: −10)
+    rlaif_drop: float = 0.0           # RLAIF: share of pairs dropped, those whose better response the RM scores lowest
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -122,24 +122,28 @@ def build_countdown_pairs(model, tokenizer, args, path):
     return pairs
 
 
-def rlaif_relabel(pairs, rm_path, min_score):
-    """RLAIF (spec §2.1, report 000): order each pair by a reward model; drop those whose chosen scores < min_score."""
+def rlaif_relabel(pairs, rm_path, drop=0.0):
+    """RLAIF (spec §2.1, report 000): order each pair by a reward model, then drop the share `drop` of pairs whose
+    better response scores lowest. A share, not a threshold: a Bradley–Terry RM's scale is arbitrary (report 000's
+    "chosen below −10" was on Nemotron's). The log gives the cut in the RM's own units."""
     import reward_model
+    if not 0 <= drop < 1:
+        raise InputError(f"--rlaif-drop {drop}: a share of the pairs, 0 ≤ share < 1")
     rm, rm_tokenizer = reward_model.load(rm_path)
     prompts = [p["prompt"] for p in pairs]
-    a = reward_model.score(rm, rm_tokenizer, prompts, [p["chosen"] for p in pairs])
-    b = reward_model.score(rm, rm_tokenizer, prompts, [p["rejected"] for p in pairs])
-    kept, flipped = [], 0
-    for p, sa, sb in zip(pairs, a.tolist(), b.tolist()):
-        if sb > sa:
-            flipped += 1
-            p = {**p, "chosen": p["rejected"], "rejected": p["chosen"],
-                 "chosen_end": p.get("rejected_end", True), "rejected_end": p.get("chosen_end", True)}
-        if max(sa, sb) >= min_score:
-            kept.append(p)
-    print(f"RLAIF: {flipped} of {len(pairs)} pairs reordered, {len(pairs) - len(kept)} dropped below {min_score}")
+    a, b = (reward_model.score(rm, rm_tokenizer, prompts, [p[k] for p in pairs], ends=[p.get(f"{k}_end", True) for p in pairs])
+            for k in ("chosen", "rejected"))
     del rm
-    return kept
+    ordered = [p if sa >= sb else {**p, "chosen": p["rejected"], "rejected": p["chosen"],
+                                    "chosen_end": p.get("rejected_end", True), "rejected_end": p.get("chosen_end", True)}
+               for p, sa, sb in zip(pairs, a.tolist(), b.tolist())]
+    best = torch.maximum(a, b)
+    n_drop = int(drop * len(pairs))
+    rank = torch.argsort(best, stable=True)
+    kept = sorted(rank[n_drop:].tolist())
+    cut = f", the {n_drop} whose better response scored below {best[rank[n_drop]].item():.4g} (RM units) dropped" if n_drop else ""
+    print(f"RLAIF: {(b > a).sum().item()} of {len(pairs)} pairs reordered by {rm_path}{cut}")
+    return [ordered[i] for i in kept]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -212,7 +216,7 @@ def main(args):
         pairs, held_pairs = pairs[:len(pairs) - n_held], pairs[len(pairs) - n_held:]
     held_pairs = held_pairs[:args.eval_rows]
     if args.rlaif_model:
-        pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_min)
+        pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_drop)
     # a sampled pair is as long as sampling let it be: a budget below prompt + --pair-max-tokens would drop exactly
     # the completions cut at the cap, the pairs that teach stopping
     budget = None if args.data == "countdown" else args.max_len

@@ -138,11 +138,12 @@ def test_rlaif_orders_pairs_by_the_reward_model_and_drops_low_ones(tmp_path, tok
     tol = 1e-6 if rm.dtype == torch.float32 else 2e-2   # batches differ in padding; bf16 keeps ~3 digits
     pairs = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Other {i * 7}!", "chat": True}
              for i in range(12)]
-    kept = dpo.rlaif_relabel(pairs, str(tmp_path / "rm"), min_score=-math.inf)
-    s = lambda key: reward_model.score(rm, tokenizer, [p["prompt"] for p in kept], [p[key] for p in kept])
-    assert len(kept) == 12 and (s("chosen") >= s("rejected") - tol).all()
-    threshold = s("chosen").median().item()
-    high = dpo.rlaif_relabel(pairs, str(tmp_path / "rm"), min_score=threshold)
-    assert 0 < len(high) < 12
-    high_scores = reward_model.score(rm, tokenizer, [p["prompt"] for p in high], [p["chosen"] for p in high])
-    assert (high_scores >= threshold - tol).all()
+    kept = dpo.rlaif_relabel(pairs, str(tmp_path / "rm"))
+    s = lambda ps, key: reward_model.score(rm, tokenizer, [p["prompt"] for p in ps], [p[key] for p in ps])
+    assert len(kept) == 12 and (s(kept, "chosen") >= s(kept, "rejected") - tol).all()
+    high = dpo.rlaif_relabel(pairs, str(tmp_path / "rm"), drop=0.25)   # a share: the same on any RM's scale
+    dropped = [p for p in kept if p["prompt"] not in {h["prompt"] for h in high}]
+    assert len(high) == 9 and len(dropped) == 3
+    assert s(dropped, "chosen").max() <= s(high, "chosen").min() + tol
+    with pytest.raises(common.InputError, match="--rlaif-drop 1"):
+        dpo.rlaif_relabel(pairs, str(tmp_path / "rm"), drop=1)
