@@ -57,7 +57,7 @@ class Args:
     weight_decay: float = 0.0            # AdamW decay of weight matrices, never biases or norms (HF/TRL: 0)
     kl_coef: float = 0.001               # β in Eq. 2; 0 turns the KL term (and π_ref) off
     temperature: float = 1.0             # sampling temperature T, also applied to every log-prob of samples
-    top_p: float = 1.0                   # nucleus sampling
+    top_p: float = 1.0                   # nucleus sampling: must stay 1 (Eq. 8's log-probs are of the untruncated policy)
     max_new_tokens: int = 1024           # completion length limit
     overlong_penalty: float = 0.0        # subtracted from the reward of a completion cut at the limit (TRL: missing_eos_penalty)
     log_every: int = 1                   # steps between log lines
@@ -144,6 +144,9 @@ def main(args):
         raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
     if args.k < 2:
         raise InputError(f"--k {args.k}: the leave-one-out baseline needs K ≥ 2")
+    if args.top_p != 1:   # sampled from the truncated distribution, scored under the full one: not Eq. 8's gradient
+        raise InputError(f"--top-p {args.top_p}: RLOO trains on log-probs of the full distribution; sample with --top-p 1 "
+                         f"(evaluate.py may truncate)")
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")

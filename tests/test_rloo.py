@@ -123,6 +123,11 @@ def test_countdown_smoke_run_completes_with_every_metric(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1", "step-2"]
 
 
+def test_top_p_below_1_is_refused_in_training():
+    with pytest.raises(rloo.InputError, match="--top-p 0.9: RLOO trains on log-probs of the full distribution"):
+        rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", top_p=0.9))
+
+
 def test_k_below_2_is_a_clear_error():
     with pytest.raises(rloo.InputError, match="K ≥ 2"):
         rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", k=1))
