@@ -40,7 +40,8 @@ class Args:
     max_len: int = 1024               # token budget of prompt + completion; longer rows are skipped and counted
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 8               # micro-batches per optimizer step (report 000: 8 × 8)
-    epochs: float = 3.0               # passes over the training rows; sets the step count when --steps is 0
+    epochs: float = 0.0               # passes over the rows (sets the steps when --steps is 0); 0: report 000's recipe,
+                                      # 50 for warmstart (its Countdown SFT, ~1 000 rows: ~780 steps), else 3 (its SmolTalk)
     steps: int = 0                    # optimizer steps (0: from --epochs)
     lr: float = 2e-5                  # AdamW peak learning rate (report 000)
     warmup: float = 0.05              # share of steps with linear warmup; then cosine decay to lr/10
@@ -184,11 +185,12 @@ def main(args):
     if not train:
         raise InputError(f"no training rows left in --data {args.data} (skipped: {skipped})")
     per_step = args.batch_size * args.grad_accum
-    total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
+    epochs = args.epochs or (50 if args.data == "warmstart" else 3)
+    total = args.steps or max(1, math.ceil(epochs * len(train) / per_step))
     warmup_steps = max(1, int(args.warmup * total))
     print(f"{len(train)} training rows (skipped {skipped['empty']} empty, {skipped['too_long']} over {args.max_len} "
           f"tokens), {len(held)} held out | {args.batch_size} × {args.grad_accum} = {per_step} sequences per step | "
-          f"{total} steps ≈ {total * per_step / len(train):.2f} epochs | {device}")
+          f"planned: {total} steps ≈ {total * per_step / len(train):.2f} epochs | {device}")
 
     # 3. model, optimizer, schedule (resuming restores all three, the RNG and the data position)
     start_step, source = 0, args.model

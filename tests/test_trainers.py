@@ -82,3 +82,13 @@ def test_each_task_starts_from_its_own_sft_run_or_says_which_flag(tmp_path, monk
     monkeypatch.setattr(sft, "load_data", lambda args: (rows, rows[:1]))
     sft.main(sft.Args(model="tiny", data="smoltalk", steps=1, batch_size=2, grad_accum=1, eval_every=0))
     assert common.sft_run("", "ultrafeedback") == "out/sft-smoltalk" and (tmp_path / "out/sft-smoltalk/step-1").is_dir()
+
+
+@pytest.mark.parametrize("data, steps", [("warmstart", 50 * 8 // 4), ("smoltalk", 3 * 8 // 4)])
+def test_sft_plans_report_000s_epochs_per_dataset_and_says_so_first(data, steps, tmp_path, monkeypatch, capsys):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}", "chat": data == "smoltalk"} for i in range(8)]
+    monkeypatch.setattr(sft, "load_data", lambda args: (rows, []))
+    sft.main(sft.Args(model="tiny", data=data, batch_size=2, grad_accum=2, eval_every=0, log_every=1000,
+                      save_every=1000, out_dir=str(tmp_path)))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"planned: {steps} steps ≈ {steps * 4 / 8:.2f} epochs" in first
