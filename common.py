@@ -7,6 +7,7 @@ No losses, no training loops: those are in the trainer files.
 """
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import io
 import json
@@ -81,8 +82,20 @@ def _field_comments(args_class):
 # -------------------------------------------------------------------------------------------- loading
 
 def device_and_dtype():
-    """cuda + bfloat16 when a GPU is present, else cpu + float32."""
-    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    """(device, compute dtype): cuda + bf16 where the card computes in it (Ampere and newer), cuda + fp16 on older
+    cards (Colab's T4, V100), else cpu + fp32. Trainers keep fp32 weights and autocast to this dtype."""
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def mixed_precision(device, dtype):
+    """A trainer's autocast context, gradient scaler and a label for its first log line, for device_and_dtype()'s
+    choice: bf16 autocast; fp16 autocast with loss scaling (fp16 gradients underflow unscaled); or plain fp32."""
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    label = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}.get(dtype, "fp32")
+    return autocast, scaler, f"{device}, {label}"
 
 
 def resolve_checkpoint(path):
@@ -356,11 +369,14 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     Returns a list of completion token lists, each cut after its first stop token (which is kept: it
     is part of what was sampled), and a list of booleans, True where a stop token was produced.
     Ids the tokenizer does not know (Qwen's embedding has ~270 spare rows) are never sampled.
+    Runs under the trainers' autocast (bf16 or fp16 on CUDA), so fp32 training weights sample at bf16 speed.
     """
     stops = stop_token_ids(tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     unknown = list(range(len(tokenizer), vocab))
     device = next(model.parameters()).device
+    device_type, dtype = device_and_dtype()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == device_type and dtype != torch.float32)
     from transformers import GenerationConfig
     sample = temperature > 0  # every setting explicit: none inherited from a model's generation_config.json
     # (Qwen2.5-Instruct's asks for top_k 20, top_p 0.8, repetition_penalty 1.05); top_k 0 = off
@@ -375,7 +391,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         width = max(map(len, batch))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        with autocast:
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
             completions.append(row if end is None else row[:end + 1])
@@ -389,54 +406,57 @@ class VLLMSampler:
     The engine starts from `path` (a model or run directory, or a hub id) and afterwards receives the
     policy's weights straight from memory with `load_weights(model)` after every optimiser step — no
     checkpoint round trip. Same contract as `generate`: stop on <|im_end|> / <|endoftext|>, the stop
-    token kept, unknown ids never sampled. Written against vLLM's V1 engine run in-process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0); the attribute path to the model has moved between releases.
+    token kept, unknown ids never sampled. Written against vLLM 0.32–0.33's V1 engine run in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, or the model lives in another process); tests/test_vllm_contract.py
+    holds the facts of vLLM's source this relies on.
     """
 
-    def __init__(self, path, tokenizer, gpu_memory_utilization=0.3, seed=0):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    def __init__(self, path, tokenizer, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # set, not defaulted: with 1 the weights cannot be pushed
         from vllm import LLM
         source = str(resolve_checkpoint(path)) if Path(path).exists() else path
-        self.llm = LLM(model=source, tokenizer=source, dtype="bfloat16", seed=seed, enable_prefix_caching=True,
-                       gpu_memory_utilization=gpu_memory_utilization)
-        self.tokenizer, self.stops = tokenizer, stop_token_ids(tokenizer)
+        state, threads = rng_state(), torch.get_num_threads()   # the engine reseeds every global RNG, and sets
+        self.llm = LLM(model=source, tokenizer=source, dtype=str(dtype).removeprefix("torch."), seed=seed,
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
+        set_rng_state(state)                                     # torch to one thread: both put back
+        torch.set_num_threads(threads)
+        self.tokenizer, self.stops, self.dtype = tokenizer, stop_token_ids(tokenizer), dtype
+        # the rows no token owns (Qwen: 271) get vLLM's lowest bias, −100; allowed_token_ids would need all
+        # 151 665 ids, and vLLM takes at most 1 024 there (and in logit_bias)
+        self.unknown = {i: -100.0 for i in range(len(tokenizer), self.llm.model_config.get_vocab_size())} or None
 
     def load_weights(self, model):
         worker = self.llm.llm_engine.model_executor.driver_worker
         worker = getattr(worker, "worker", worker)
-        worker.model_runner.model.load_weights(((name, p.detach()) for name, p in model.state_dict().items()))
-        self.llm.reset_prefix_cache()
+        weights = ((name, p.detach().to(self.dtype)) for name, p in model.state_dict().items())   # the engine's dtype
+        worker.model_runner.model.load_weights(weights)
+        self.llm.reset_prefix_cache()   # cached prefixes hold the old weights' keys and values
 
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0):
         from vllm import SamplingParams
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
                                 repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
-                                stop_token_ids=self.stops, skip_special_tokens=False,
-                                allowed_token_ids=list(range(len(self.tokenizer))))
+                                stop_token_ids=self.stops, skip_special_tokens=False, logit_bias=self.unknown)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
-        completions, stopped = [], []
-        for out in outputs:
-            ids, done = list(out.outputs[0].token_ids), out.outputs[0].finish_reason == "stop"
-            if done and (not ids or ids[-1] not in self.stops):  # make the stop token part of the completion
-                reason = out.outputs[0].stop_reason
-                ids.append(reason if isinstance(reason, int) else self.tokenizer.eos_token_id)
-            completions.append(ids)
-            stopped.append(done)
-        return completions, stopped
+        completions = [list(out.outputs[0].token_ids) for out in outputs]   # a stop token is kept, as in `generate`
+        return completions, [out.outputs[0].finish_reason == "stop" for out in outputs]
 
 
-def make_sampler(model, tokenizer, path, use_vllm=True, gpu_memory_utilization=0.3, seed=0):
+def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0):
     """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p, repetition_penalty) → (completions, stopped).
 
-    vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the
-    VLLMSampler, for `load_weights`); otherwise transformers' `generate` on `model` (engine None).
+    vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the VLLMSampler, for
+    `load_weights`); otherwise transformers' `generate` on `model` (engine None), which is loaded from `path`
+    only then. A vLLM that is installed but fails to import is an error, not a silent fallback.
     """
-    if use_vllm and torch.cuda.is_available() and path not in testbed.NAMES:
-        try:
-            engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed)
-            return engine.generate, engine
-        except ImportError:
+    device, dtype = device_and_dtype()
+    if use_vllm and device == "cuda" and path not in testbed.NAMES:
+        if importlib.util.find_spec("vllm") is None:
             print("vLLM is not installed: sampling with transformers' generate")
+        else:
+            engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed, dtype=dtype)
+            return engine.generate, engine
+    model = model if model is not None else load_model(path, tokenizer, seed=seed)
     return (lambda ids, **kw: generate(model, tokenizer, ids, **kw)), None
 
 

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
                     length_grouped_batches, load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics,
-                    preference_pairs, read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint,
-                    seed_everything, sequence_logprobs, set_rng_state, sft_run, warmup_cosine)
+                    mixed_precision, preference_pairs, read_jsonl, resolve_checkpoint, rng_state, run,
+                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, sft_run, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -186,7 +186,7 @@ def main(args):
     check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
-    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    autocast, scaler, precision = mixed_precision(device, amp_dtype)
     out_dir = Path(args.out_dir)
     args = replace(args, model=sft_run(args.model, args.data, flag="--data"))
     tokenizer = load_tokenizer(args.model)
@@ -227,7 +227,8 @@ def main(args):
     per_step = args.batch_size * args.grad_accum
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
     print(f"{len(train)} training pairs ({dropped} dropped over --max-len {budget}), {len(held)} held out | "
-          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | {device}")
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | "
+          f"{precision}")
 
     # 3. π_ref log-probs, once; then only the policy is kept
     ref_source = args.ref_model or (args.model if args.resume else "")
@@ -244,6 +245,8 @@ def main(args):
     if args.resume:
         state = load_trainer_state(policy_source)
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
@@ -254,7 +257,8 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()})
 
     @torch.no_grad()
     def evaluate(step):
@@ -282,14 +286,16 @@ def main(args):
             chosen, rejected = pair_logprobs(model, [train[i] for i in index], tokenizer.pad_token_id, autocast)
             ref_c, ref_r = ref_train[index].to(device).unbind(1)
             loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
-            (loss * len(index) / n_pairs).backward()
+            scaler.scale(loss * len(index) / n_pairs).backward()
             sums += torch.tensor([loss.item() * len(index), (rc > rr).sum().item(), (rc - rr).sum().item(),
                                   chosen.sum().item(), rejected.sum().item()])
         if not math.isfinite(sums[0].item()):
             raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
-        optimizer.step()
+        scaler.step(optimizer)   # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:

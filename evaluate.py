@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from calculator import SHAPES, solve
-from common import (InputError, encode, load_model, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
+from common import (InputError, encode, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
                     seed_everything)
 from countdown_reward import score_response, warmstart_query
 
@@ -145,8 +145,7 @@ def countdown(args, out_dir):
     else:
         puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=args.skip)
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, tokenizer, seed=args.seed)
-        sample, _ = make_sampler(model, tokenizer, args.model, args.vllm, seed=args.seed)
+        sample, _ = make_sampler(tokenizer, args.model, use_vllm=args.vllm, seed=args.seed)
         queries = [warmstart_query(p["nums"], p["target"]) for p in puzzles]
         responses = sample_responses(sample, tokenizer, queries, args, args.samples, args.temperature)
     scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, responses)]
@@ -272,13 +271,12 @@ def ultrafeedback(args, out_dir):
     answers, stops = {}, {}
     for name in (args.model, args.reference):  # same prompts, template and sampling settings for both
         tokenizer = load_tokenizer(name)
-        model = load_model(name, tokenizer, seed=args.seed)
-        sample, _ = make_sampler(model, tokenizer, name, args.vllm, seed=args.seed)
+        sample, _ = make_sampler(tokenizer, name, use_vllm=args.vllm, seed=args.seed)
         ids = [encode(tokenizer, p, chat=True)["input_ids"] for p in prompts]
         completions, stops[name] = sample(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty)
         answers[name] = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-        del model, sample
+        del sample
     policy, reference = (rewards(answers[name], stops[name]) for name in (args.model, args.reference))
     with open(out_dir / "per_prompt.jsonl", "w") as f:
         for row in zip(prompts, answers[args.model], answers[args.reference], policy, reference):

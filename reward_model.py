@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, length_grouped_batches,
-                    load_model, load_tokenizer, load_trainer_state, log_metrics, preference_pairs, resolve_checkpoint,
-                    rng_state, run, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
+                    load_model, load_tokenizer, load_trainer_state, log_metrics, mixed_precision, preference_pairs,
+                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, set_rng_state,
+                    warmup_cosine)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def main(args):
     check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
-    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    autocast, scaler, precision = mixed_precision(device, amp_dtype)
     out_dir = Path(args.out_dir)
 
     # 2. data
@@ -161,7 +162,7 @@ def main(args):
     per_step = args.batch_size * args.grad_accum
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
     print(f"{len(train)} training pairs ({dropped} dropped over {args.max_len} tokens), {len(held)} held out | "
-          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | {device}")
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | {precision}")
 
     # 3. model, optimizer, schedule
     start_step, source = 0, args.model
@@ -176,6 +177,8 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
     lengths = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in train]
@@ -185,7 +188,8 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()})
 
     def evaluate(step):
         model.eval()
@@ -207,15 +211,17 @@ def main(args):
                 r = rewards(model, **batch)
             rc, rr = r[:len(pairs)], r[len(pairs):]
             loss = bt_loss(rc, rr) * len(pairs) / n_pairs  # the mean over the step's pairs
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
             correct += (rc > rr).sum().item()
             margin += (rc - rr).sum().item()
         if not math.isfinite(step_loss):
             raise SystemExit(f"reward_model.py: loss is {step_loss} at step {step}; stopped before the update")
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
-        optimizer.step()
+        scaler.step(optimizer)   # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == total:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
-                    load_tokenizer, load_trainer_state, log_metrics, make_sampler, read_jsonl, resolve_checkpoint,
-                    rng_state, run, save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, sft_run,
-                    warmup_cosine)
+                    load_tokenizer, load_trainer_state, log_metrics, make_sampler, mixed_precision, read_jsonl,
+                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
+                    set_rng_state, sft_run, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -149,7 +149,7 @@ def main(args):
                          f"(evaluate.py may truncate)")
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
-    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    autocast, scaler, precision = mixed_precision(device, amp_dtype)
     out_dir = Path(args.out_dir)
     args = replace(args, model=sft_run(args.model, args.task))
     tokenizer = load_tokenizer(args.model)
@@ -158,7 +158,7 @@ def main(args):
     print(f"{len(train_prompts)} training prompts, {len(held_prompts)} held out | {args.prompts_per_step} prompts × "
           f"K {args.k} = {per_step} samples per step, {args.micro_prompts * args.k} per forward pass | "
           f"{args.steps} steps = {args.steps * args.prompts_per_step / len(train_prompts):.2f} epochs | "
-          f"T {args.temperature} | β {args.kl_coef} | {device}")
+          f"T {args.temperature} | β {args.kl_coef} | {precision}")
 
     # 2. models: the policy on the accelerator; π_ref and a reward model stay on the CPU until used
     start_step, source = 0, args.model
@@ -179,13 +179,16 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, int(args.warmup * args.steps)))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-    sample, vllm = make_sampler(model, tokenizer, str(source), args.vllm, args.vllm_memory, seed=args.seed)
+    sample, vllm = make_sampler(tokenizer, str(source), model, args.vllm, args.vllm_memory, seed=args.seed)
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()})
 
     def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
         return _Visit(m, device)
@@ -236,7 +239,7 @@ def main(args):
             shaped = kl_penalised_rewards(rewards[part].to(device), logps, ref_logps[part].to(device), args.kl_coef)
             advantages = rloo_advantages(shaped.view(-1, args.k))
             loss = rloo_loss(advantages, logps.view(-1, args.k), len(examples))
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
             if ref is not None:
                 kls.append(logps.detach().cpu() - ref_logps[part])
@@ -245,8 +248,10 @@ def main(args):
                 param.grad = torch.zeros_like(param)
         if not math.isfinite(step_loss):
             raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)   # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if vllm:

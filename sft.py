@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import (SFT_RUNS, InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
-                    length_grouped_batches, load_model, load_tokenizer, load_trainer_state, log_metrics, read_jsonl,
-                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
-                    set_rng_state, warmup_cosine)
+from common import (InputError, SFT_RUNS, adamw, check_intervals, collate, device_and_dtype, encode, generate,
+                    length_grouped_batches, load_model, load_tokenizer, load_trainer_state, log_metrics,
+                    mixed_precision, read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything,
+                    sequence_logprobs, set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -172,7 +172,7 @@ def main(args):
     check_intervals(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
-    autocast = torch.autocast(device_type=device, dtype=amp_dtype, enabled=device == "cuda")
+    autocast, scaler, precision = mixed_precision(device, amp_dtype)
     task = "ultrafeedback" if args.data == "smoltalk" else "countdown"
     args = replace(args, out_dir=args.out_dir or SFT_RUNS[task])
     out_dir = Path(args.out_dir)
@@ -190,7 +190,7 @@ def main(args):
     warmup_steps = max(1, int(args.warmup * total))
     print(f"{len(train)} training rows (skipped {skipped['empty']} empty, {skipped['too_long']} over {args.max_len} "
           f"tokens), {len(held)} held out | {args.batch_size} × {args.grad_accum} = {per_step} sequences per step | "
-          f"planned: {total} steps ≈ {total * per_step / len(train):.2f} epochs | {device}")
+          f"planned: {total} steps ≈ {total * per_step / len(train):.2f} epochs | {precision}")
 
     # 3. model, optimizer, schedule (resuming restores all three, the RNG and the data position)
     start_step, source = 0, args.model
@@ -205,6 +205,8 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup_steps))
     if args.resume:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         print(f"resumed from {source} at step {start_step}")
@@ -214,7 +216,8 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()})
 
     def evaluate(step):
         model.eval()
@@ -238,15 +241,17 @@ def main(args):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 loss = sft_loss(sequence_logprobs(model, **batch), n_tokens)
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
         if not math.isfinite(step_loss):
             saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
                      f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}")
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
         lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next
-        optimizer.step()
+        scaler.step(optimizer)   # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -198,7 +198,7 @@ def test_reward_model_step_at_the_real_shape(reward_model_dir):
     assert abs(train["loss"] - 0.6931) < 0.5 and "eval_acc" in held
     rm, tok = reward_model.load(reward_model_dir)
     scores = reward_model.score(rm, tok, ["Name a colour.", "Name a colour."], ["Blue.", "Blue."])
-    assert scores.shape == (2,) and scores[0] == scores[1]
+    assert scores.shape == (2,) and scores[0].item() == pytest.approx(scores[1].item(), abs=1e-4)   # one input, one score
 
 
 def test_rloo_countdown_step_at_the_real_shape(runs, monkeypatch):

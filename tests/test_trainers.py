@@ -92,3 +92,35 @@ def test_sft_plans_report_000s_epochs_per_dataset_and_says_so_first(data, steps,
                       save_every=1000, out_dir=str(tmp_path)))
     first = capsys.readouterr().out.splitlines()[0]
     assert f"planned: {steps} steps ≈ {steps * 4 / 8:.2f} epochs" in first
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, ("cpu", torch.float32)),
+                                                   (True, True, ("cuda", torch.bfloat16)),    # Ampere and newer
+                                                   (True, False, ("cuda", torch.float16))])   # T4, V100
+def test_the_compute_dtype_follows_the_card(cuda, bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    # with emulation counted, a T4 "supports" bf16 too, at a fraction of fp16's speed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or bf16)
+    assert common.device_and_dtype() == expected
+
+
+@pytest.mark.parametrize("trainer", RUNS)
+def test_fp16_trains_with_loss_scaling_and_says_so(trainer, tmp_path, monkeypatch, capsys):
+    module, args = RUNS[trainer]
+    monkeypatch.setattr(module, "device_and_dtype", lambda: ("cpu", torch.float16))   # as on a T4, on the CPU
+    model, _ = module.main(module.Args(model="tiny", steps=2, eval_every=0, out_dir=str(tmp_path), **args))
+    assert "cpu, fp16 autocast + loss scaling" in capsys.readouterr().out.splitlines()[0]
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in model.parameters())   # fp32 master weights
+    state = common.load_trainer_state(tmp_path / "step-2")
+    assert state["scaler"]["scale"] > 0   # the scaler's state is saved for --resume
+
+
+def test_generate_runs_under_the_trainers_autocast(model, tokenizer, monkeypatch):
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    prompt = [common.encode(tokenizer, "Q: 1 + 2 ?")["input_ids"]]
+    fp32, _ = common.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
+    monkeypatch.setattr(common, "device_and_dtype", lambda: ("cpu", torch.bfloat16))
+    common.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
+    hook.remove()
+    assert seen[:len(seen) // 2] == [False] * (len(seen) // 2) and all(seen[len(seen) // 2:])
