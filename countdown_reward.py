@@ -32,7 +32,7 @@ only a malformed `ground_truth` raises, with a message that names it.
 import ast
 import re
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")   # the reference's pattern: last_answer gives its last match
 ALLOWED_RE = re.compile(r"^[\d+\-*/().\s]+$")
 MAX_LITERAL_DIGITS = 100  # a longer digit run can never equal a given number; int() of 5 000 digits raises
 
@@ -72,9 +72,20 @@ def extract_solution(solution_str):
         solution_str = solution_str.split("<|im_start|>assistant", 1)[1]
     else:
         return None
-    last_line = solution_str.split("\n")[-1]
-    matches = ANSWER_RE.findall(last_line)
-    return matches[-1].strip() if matches else None
+    last = last_answer(solution_str.split("\n")[-1])
+    return last.strip() if last is not None else None
+
+
+def last_answer(line):
+    """The last match of `<answer>(.*?)</answer>` in a line (what ANSWER_RE.findall(line)[-1] gives), in linear time:
+    the regex rescans to the end of the line from every unclosed `<answer>`, quadratic on '<answer>' × N."""
+    last, pos = None, 0
+    while (start := line.find("<answer>", pos)) >= 0:
+        end = line.find("</answer>", start + len("<answer>"))
+        if end < 0:   # no closing tag after this opening one, so none after any later one either
+            break
+        last, pos = line[start + len("<answer>"):end], end + len("</answer>")
+    return last
 
 
 def uses_numbers_exactly(equation, numbers):

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from calculator import make_puzzles, solve  # noqa: E402
-from countdown_reward import compute_score, score_response  # noqa: E402
+from countdown_reward import ANSWER_RE, compute_score, score_response  # noqa: E402
 
 HOSTILE = {"9**9**9**9": "9**9**9**9", "10k nested (": "(" * 10_000 + "1" + ")" * 10_000,
            "100k-char sum": "1 + " * 25_000 + "1", "100k-char spaces": " " * 99_990 + "95 - (36 - 32)",
@@ -68,6 +68,12 @@ def main():
             gt = {"target": 91, "numbers": numbers}
             cells.append(min(_time(lambda: compute_score(f"Assistant: <answer>{answer}</answer>", gt)) for _ in range(5)))
         print(f"  {name:<20} {cells[0] * 1e3:8.2f} {cells[1] * 1e3:8.2f}")
+    print("extraction from a line of unclosed '<answer>' (the reference's regex rescans the line from each one), ms:")
+    for size in (8_192, 32_768):
+        line = "Assistant: " + "<answer>" * size
+        ours = min(_time(lambda: compute_score(line, {"target": 91, "numbers": [95, 36, 32]})) for _ in range(5))
+        regex = _time(lambda: ANSWER_RE.findall(line)) if size <= 8_192 else float("nan")
+        print(f"  {size * 8 // 1024:>4} KB  ours {ours * 1e3:8.2f}   regex {regex * 1e3:9.1f}")
 
 
 def _time(fn):

@@ -248,3 +248,21 @@ def test_score_response_adds_the_marker_and_strips():
     assert score_response(response, gt) == 1.0
     assert score_response("<answer>95 - 36</answer>", gt) == 0.1
     assert score_response("no answer at all", gt) == 0.0
+
+
+def test_last_answer_is_the_regexs_last_match_on_random_lines():
+    import random
+    from countdown_reward import ANSWER_RE, last_answer
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "<answer", "answer>", "</", "<", ">", "/", " 1 + 2 ", "x", "\r", "\t"]
+    for _ in range(5000):
+        line = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        matches = ANSWER_RE.findall(line)
+        assert last_answer(line) == (matches[-1] if matches else None), line
+
+
+def test_a_line_of_unclosed_answer_tags_is_scored_quickly():
+    line = "Assistant: " + "<answer>" * 32_768   # 256 KB: the reference's regex takes ~40 s (quadratic)
+    start = time.perf_counter()
+    assert compute_score(line, GT) == 0 and compute_score(line + "9</answer>", GT) == 0.1
+    assert time.perf_counter() - start < 1.0  # a hang guard, not a speed target (bench/countdown_speed.py)
