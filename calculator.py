@@ -208,8 +208,10 @@ def solve(numbers, target, timeout=None, fractions=True):
     fractions=False forbids non-integer intermediate values (to find puzzles that need them).
     """
     _check_puzzle(numbers, target)
+    if timeout is not None and not timeout > 0:   # nan would never fire
+        raise ValueError(f"timeout {timeout}: must be > 0 seconds, or None")
     numbers, target = [int(n) for n in numbers], int(target)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None or timeout == math.inf else time.monotonic() + timeout
     calls = 0
 
     def clock():
@@ -439,7 +441,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Solve a Countdown puzzle, or write synthetic WarmStart data.")
     parser.add_argument("numbers", nargs="*", help="the numbers, e.g. 95 36 32")
     parser.add_argument("--target", help="the target, e.g. 91")
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="give up after this many seconds (8 numbers can take minutes); inf: never")
     parser.add_argument("--warmstart", metavar="FILE", help="write synthetic WarmStart JSONL rows here")
     parser.add_argument("--n", type=int, default=1000, help="rows for --warmstart")
     parser.add_argument("--seed", type=int, default=0, help="seed for --warmstart")
@@ -453,6 +456,8 @@ def main(argv=None):
         print(f"calculator.py: error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    if not args.timeout > 0:   # nan and negatives too: a deadline that never fires, or fires at once
+        fail(f"--timeout {args.timeout}: must be > 0 seconds (inf: never)")
     if args.warmstart:
         if args.n < 1:
             fail(f"--n must be positive, got {args.n}")
@@ -474,7 +479,7 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     if answer is None:
-        print("no solution" if args.timeout is None else "no solution found in time")
+        print("no solution" if args.timeout == math.inf else f"no solution found in {args.timeout:g} s")
         sys.exit(1)
     print(answer)
 

@@ -231,7 +231,9 @@ def test_cli_solves():
 
 @pytest.mark.parametrize("args", [["3.5", "2", "--target", "1"], ["5", "--target", "5"], ["--target", "5"],
                                   [*map(str, range(1, 20)), "--target", "5"], ["1", "2", "--target", "x"],
-                                  ["1", "2"], ["--warmstart", "x.jsonl", "--n", "0"]])
+                                  ["1", "2"], ["--warmstart", "x.jsonl", "--n", "0"],
+                                  ["1", "2", "--target", "3", "--timeout", "nan"],
+                                  ["1", "2", "--target", "3", "--timeout", "-1"]])
 def test_cli_bad_input_is_one_line_and_exit_2(args):
     out = run_cli(*args)
     assert out.returncode == 2
@@ -244,3 +246,13 @@ def test_cli_writes_warmstart_jsonl(tmp_path):
     assert out.returncode == 0
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 5 and all(set(r) >= {"query", "completion"} for r in rows)
+
+
+def test_the_cli_gives_up_after_a_minute_by_default_and_a_nan_timeout_is_refused(monkeypatch, capsys):
+    import calculator
+    seen = []
+    monkeypatch.setattr(calculator, "solve", lambda numbers, target, timeout=None: seen.append(timeout) or "1 + 2")
+    calculator.main(["1", "2", "--target", "3"])
+    assert seen == [60.0]   # 8 numbers without a solution take minutes to rule out
+    with pytest.raises(ValueError, match="timeout nan"):
+        solve([1, 2], 3, timeout=float("nan"))   # a deadline of nan never fires
