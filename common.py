@@ -11,10 +11,12 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 import tokenize
@@ -105,8 +107,45 @@ def resolve_checkpoint(path):
         return path
     steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not steps:
-        raise FileNotFoundError(f"{path}: no config.json and no step-* checkpoint inside")
+        raise InputError(f"{path}: not a model directory (no config.json) and no step-N checkpoint inside")
     return steps[-1]
+
+
+def locate(name):
+    """Where to load `name` from: a local directory (a run directory: its newest checkpoint) or a hub id the hub can
+    serve (cached, or reachable now). Anything else is one line, at once: no retries against an unreachable hub."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{name}: a file, not a model directory")
+        return str(resolve_checkpoint(path))
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
+    if looks_like_path:
+        raise InputError(f"{name}: no such directory")
+    from huggingface_hub import try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not _hub_reachable():
+        raise InputError(f"{name}: no such directory, and the hub cannot be reached to fetch it (offline?)")
+    return name
+
+
+def _hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_dataset(name, split):
+    """A split of a hub dataset, or one line saying the hub cannot be reached (offline, and not cached)."""
+    from datasets import load_dataset
+    try:
+        return load_dataset(name, split=split)
+    except (ConnectionError, OSError) as e:
+        raise InputError(f"cannot load the hub dataset {name} ({split}): {str(e).splitlines()[0][:160]}") from None
 
 
 SFT_RUNS = {"countdown": "out/sft", "ultrafeedback": "out/sft-smoltalk"}   # where the README's sft.py commands write
@@ -131,7 +170,7 @@ def load_tokenizer(name=QWEN):
         except testbed.Unavailable as e:
             raise InputError(str(e)) from None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    source = resolve_checkpoint(name) if Path(name).exists() else name
+    source = locate(name)
     config = Path(source) / "tokenizer_config.json"
     saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
     # A saved generic tokenizer (the tiny one) loads as itself: AutoTokenizer would pick the class of the
@@ -158,13 +197,16 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
     if name in testbed.NAMES:
         model = testbed.model(name, tokenizer or load_tokenizer(name), seed=seed, reward=reward).to(dtype)
     elif reward:
-        source = resolve_checkpoint(name) if Path(name).exists() else name
+        source = locate(name)
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype, trust_remote_code=False)
         if model.config.pad_token_id is None and tokenizer is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        source = resolve_checkpoint(name) if Path(name).exists() else name
+        source = locate(name)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    if device == "cpu" and name not in testbed.NAMES:
+        for param in model.parameters():   # own, aligned memory: loaded tensors are views into the file's buffer at
+            param.data = param.data.clone()  # any offset, and CPU kernels round differently on unaligned data
     return model.to(device).eval()
 
 
@@ -244,31 +286,118 @@ class InputError(ValueError):
     """Bad user input (a file, a row, a flag): scripts print it as one line and exit 2."""
 
 
-def check_intervals(args):
-    """--log-every and --save-every must be ≥ 1; --eval-every and --sample-every ≥ 0 (0 turns them off)."""
-    for name, least in (("log_every", 1), ("save_every", 1), ("eval_every", 0), ("sample_every", 0)):
-        value = getattr(args, name, None)
-        if value is not None and value < least:
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be ≥ {least}")
+_POSITIVE, _COUNT = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: v >= 1, "≥ 1")
+_NON_NEGATIVE, _OFF_OR_MORE = (lambda v: 0 <= v < math.inf, "≥ 0"), (lambda v: v >= 0, "≥ 0 (0: off)")
+_SHARE = (lambda v: 0 <= v < 1, "in [0, 1)")
+# The valid values of every numeric flag of every script, by name (a name means the same everywhere).
+FLAG_RANGES = {
+    "lr": _POSITIVE, "beta": _POSITIVE, "pair_temperature": _POSITIVE, "repetition_penalty": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE, "epochs": _NON_NEGATIVE, "overlong_penalty": _NON_NEGATIVE,
+    "temperature": (lambda v: 0 <= v < math.inf, "≥ 0 (0: greedy)"),
+    "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "vllm_memory": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "warmup": _SHARE, "rlaif_drop": _SHARE,
+    "batch_size": _COUNT, "grad_accum": _COUNT, "max_len": _COUNT, "max_new_tokens": _COUNT, "pair_max_tokens": _COUNT,
+    "log_every": _COUNT, "save_every": _COUNT, "synthetic_rows": _COUNT, "pair_prompts": _COUNT, "n_prompts": _COUNT,
+    "prompts_per_step": _COUNT, "micro_prompts": _COUNT, "samples": _COUNT, "n": _COUNT,
+    "k": (lambda v: v >= 2, "≥ 2 (the leave-one-out baseline)"), "pair_samples": (lambda v: v >= 2, "≥ 2 (a pair)"),
+    "steps": (lambda v: v >= 0, "≥ 0"), "eval_rows": (lambda v: v >= 0, "≥ 0"), "eval_prompts": (lambda v: v >= 0, "≥ 0"),
+    "eval_every": _OFF_OR_MORE, "sample_every": _OFF_OR_MORE,
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2³²)"), "skip": (lambda v: v >= -1, "≥ 0, or -1 (the default)"),
+}
+
+
+def check_args(args):
+    """Every numeric flag against FLAG_RANGES, before any work: one line naming the flag and its valid values."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name in FLAG_RANGES and not isinstance(value, bool) and isinstance(value, (int, float)):
+            valid, text = FLAG_RANGES[field.name]
+            if not valid(value):
+                raise InputError(f"--{field.name.replace('_', '-')} {value}: must be {text}")
+
+
+# Flags a resumed run may change: they decide what is logged and kept, and how fast, not what is trained.
+RESUMABLE = {"resume", "out_dir", "log_every", "eval_every", "save_every", "sample_every", "vllm", "vllm_memory",
+             "gradient_checkpointing"}
+
+
+def run_dir(out_dir, resume=None):
+    """out_dir as a Path, checked before any work: named, and not a file. For a trainer (resume True/False) also: a
+    run already there (step-N, metrics.jsonl) needs --resume, and --resume needs a checkpoint there. A new run on an
+    old one's directory would rotate away its own checkpoints (the old ones are newer by number) and mix the logs."""
+    if not str(out_dir).strip():
+        raise InputError("--out-dir is empty: name the run's directory")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out}: a file, not a directory")
+    if resume is None:
+        return out
+    steps = sorted(out.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if resume and not steps:
+        raise InputError(f"--resume: no checkpoint (step-N) in {out}")
+    if not resume and (steps or (out / "metrics.jsonl").exists()):
+        raise InputError(f"--out-dir {out} holds a run ({steps[-1].name if steps else 'metrics.jsonl'}): continue it "
+                         f"with --resume, or give another --out-dir")
+    return out
+
+
+def resume_point(out_dir, args):
+    """(checkpoint, trainer state) a run continues from: its newest checkpoint, made with the same flags (RESUMABLE
+    may change). Metrics logged after that checkpoint are dropped: the resumed run logs those steps again."""
+    source = resolve_checkpoint(out_dir)
+    saved = json.loads((source / "args.json").read_text())
+    changed = [k for k, v in dataclasses.asdict(args).items() if k not in RESUMABLE and k in saved and saved[k] != v]
+    if changed:
+        shown = "; ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})" for k in changed[:3])
+        raise InputError(f"--resume with other flags: {shown}. Resume with the run's flags, or give another --out-dir")
+    state = load_trainer_state(source)
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if _step(line) is not None and _step(line) <= state["step"]]
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+    return source, state
+
+
+def _step(line):
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):   # a line torn by a kill
+        return None
+
+
+def hold_out(rows, wanted):
+    """(training rows, held-out rows): the last `wanted` rows, at most a tenth of them, so a small file still trains
+    (the trainers' first line says how many were held out)."""
+    n = min(wanted, len(rows) // 10)
+    return rows[:len(rows) - n], rows[len(rows) - n:]
 
 
 def read_jsonl(path, required=()):
-    """Rows of a JSONL file; a bad line or a missing column is an InputError naming file, row and column."""
+    """Rows (JSON objects) of a JSONL file; a bad line, a row that is not an object, a missing column or a file that
+    is not UTF-8 is an InputError naming file, row and column."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}, row {number}: not valid JSON ({e.msg})") from None
-            missing = [c for c in required if c not in row]
-            if missing:
-                raise InputError(f"{path}, row {number}: missing column {missing[0]!r} (has {sorted(row)})")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:   # JSONDecodeError, and integers of over 4 300 digits
+                    raise InputError(f"{path}, row {number}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}, row {number}: not a JSON object (a {type(row).__name__})")
+                missing = [c for c in required if c not in row]
+                if missing:
+                    raise InputError(f"{path}, row {number}: missing column {missing[0]!r} (has {sorted(row)})")
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return rows
 
 
@@ -280,8 +409,7 @@ def preference_pairs(source, split="train_prefs"):
     may also be plain response strings. Raw-text pairs (Countdown) carry "chat": false.
     """
     if source == "ultrafeedback":
-        from datasets import load_dataset
-        records, name = load_dataset("HuggingFaceH4/ultrafeedback_binarized", split=split), "ultrafeedback_binarized"
+        records, name = hub_dataset("HuggingFaceH4/ultrafeedback_binarized", split), "ultrafeedback_binarized"
     elif str(source).endswith(".jsonl"):
         records, name = read_jsonl(source, required=("prompt", "chosen", "rejected")), source
     else:
@@ -312,20 +440,41 @@ def load_puzzles(source, n, seed=0, skip=0):
         except ValueError as e:
             raise InputError(str(e)) from None
     if source == "hub":
-        from datasets import load_dataset
-        rows = load_dataset("Jiayi-Pan/Countdown-Tasks-3to4", split="train").select(range(skip, skip + n))
+        rows = hub_dataset("Jiayi-Pan/Countdown-Tasks-3to4", "train")
+        rows = rows.select(range(min(skip, len(rows)), min(skip + n, len(rows))))
     elif str(source).endswith((".json", ".jsonl")):
-        rows = read_jsonl(source) if str(source).endswith(".jsonl") else json.loads(Path(source).read_text())
+        rows = read_jsonl(source) if str(source).endswith(".jsonl") else _read_json_list(source)
+        if skip >= len(rows):
+            raise InputError(f"{source}: {len(rows)} rows; --skip {skip} leaves none")
         rows = rows[skip:skip + n]
     else:
         raise InputError(f"puzzles {source!r}: use a shape ({', '.join(SHAPES)}), hub, or a .json/.jsonl file")
-    puzzles = []
-    for number, row in enumerate(rows, skip + 1):
-        nums = next((row[k] for k in ("nums", "num", "numbers") if k in row), None)
-        if nums is None or "target" not in row:
-            raise InputError(f"{source}, row {number}: needs 'target' and 'nums' (or 'num')")
-        puzzles.append({"target": int(row["target"]), "nums": [int(x) for x in nums]})
-    return puzzles
+    return [puzzle(row, f"{source}, row {number}") for number, row in enumerate(rows, skip + 1)]
+
+
+def _read_json_list(path):
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:   # missing, not UTF-8, not JSON
+        raise InputError(f"{path}: not a readable JSON file ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: a JSON list of puzzles expected")
+    return rows
+
+
+def puzzle(row, where):
+    """{"target", "nums"} of a row that names its numbers "nums", "num" (the course) or "numbers", checked, never
+    coerced: whole numbers in [0, 10¹²) only (3.9 is not truncated to 3, "12" is not read as [1, 2])."""
+    whole = lambda x: not isinstance(x, bool) and (isinstance(x, int) or isinstance(x, float) and x.is_integer()) \
+        and 0 <= x < 10 ** 12
+    nums = next((row[k] for k in ("nums", "num", "numbers") if k in row), None) if isinstance(row, dict) else None
+    if nums is None or "target" not in row:
+        raise InputError(f"{where}: needs 'target' and 'nums' (or 'num')")
+    if not whole(row["target"]):
+        raise InputError(f"{where}: target {str(row['target'])[:24]!r} is not a whole number in [0, 10¹²)")
+    if not isinstance(nums, list) or not nums or not all(map(whole, nums)):
+        raise InputError(f"{where}: nums {str(nums)[:40]!r} is not a list of whole numbers in [0, 10¹²)")
+    return {"target": int(row["target"]), "nums": [int(x) for x in nums]}
 
 
 # ------------------------------------------------------------------------------------------ log-probs
@@ -442,12 +591,12 @@ class VLLMSampler:
         return completions, [out.outputs[0].finish_reason == "stop" for out in outputs]
 
 
-def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0):
+def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):
     """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p, repetition_penalty) → (completions, stopped).
 
     vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the VLLMSampler, for
     `load_weights`); otherwise transformers' `generate` on `model` (engine None), which is loaded from `path`
-    only then. A vLLM that is installed but fails to import is an error, not a silent fallback.
+    only then, `batch_size` prompts at a time. A vLLM that is installed but fails to import is an error.
     """
     device, dtype = device_and_dtype()
     if use_vllm and device == "cuda" and path not in testbed.NAMES:
@@ -457,7 +606,7 @@ def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilizat
             engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed, dtype=dtype)
             return engine.generate, engine
     model = model if model is not None else load_model(path, tokenizer, seed=seed)
-    return (lambda ids, **kw: generate(model, tokenizer, ids, **kw)), None
+    return (lambda ids, **kw: generate(model, tokenizer, ids, batch_size=batch_size, **kw)), None
 
 
 # ------------------------------------------------------------------------------ seeding, saving, logs
@@ -506,7 +655,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2
     The saved generation config names every stop id we sample with (<|im_end|> and <|endoftext|>).
 
     A kill -9 during the save leaves a `.tmp-*` directory that loading ignores, never a half checkpoint
-    (an old checkpoint, too, is renamed out of sight before it is deleted).
+    (an old checkpoint, too, and one saved again at the same step, is renamed out of sight before it is deleted).
     trainer_state holds what resuming needs (optimizer, scheduler, RNG states, step).
     """
     out_dir = Path(out_dir)
@@ -520,10 +669,11 @@ def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2
     tokenizer.save_pretrained(tmp)
     (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():   # saved again at the same step (a resumed, finished run): the old copy goes out of sight first
+        os.replace(final, out_dir / f".tmp-old-{final.name}-{os.getpid()}")
     os.replace(tmp, final)
     for old in sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        os.replace(old, out_dir / f".tmp-old-{old.name}")  # out of sight first, then deleted
+        os.replace(old, out_dir / f".tmp-old-{old.name}-{os.getpid()}")  # out of sight first, then deleted
     for stale in out_dir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final

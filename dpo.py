@@ -3,7 +3,7 @@
     python dpo.py --model out/sft-smoltalk                                   # UltraFeedback (GPU)
     python dpo.py --model out/sft --data countdown                           # on-policy Countdown pairs (spec §1.3)
     python dpo.py --model out/sft-smoltalk --rlaif-model out/rm --rlaif-drop 0.2  # RLAIF relabelling (report 000)
-    python dpo.py --model tiny --data prefs.jsonl --steps 50 --lr 1e-3      # CPU, no downloads
+    python dpo.py --model tiny --data tests/fixtures/ultrafeedback.jsonl --steps 20 --lr 1e-3   # CPU, offline
 
 Eq. 7: L = −E log σ(β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x)), averaged over pairs;
 log π(y|x) is the sum of the completion tokens' log-probs (end-of-turn token included), per sequence,
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, generate,
-                    length_grouped_batches, load_model, load_puzzles, load_tokenizer, load_trainer_state, log_metrics,
-                    mixed_precision, preference_pairs, read_jsonl, resolve_checkpoint, rng_state, run,
+from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, generate, hold_out,
+                    length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics, mixed_precision,
+                    preference_pairs, read_jsonl, resolve_checkpoint, resume_point, rng_state, run, run_dir,
                     save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, sft_run, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
@@ -105,10 +105,9 @@ def label_countdown_pairs(puzzles, samples):
 
 
 def build_countdown_pairs(model, tokenizer, args, path):
-    """Sample --pair-samples completions per puzzle from the SFT model, pair them, cache the pairs to `path`."""
+    """Sample --pair-samples completions per puzzle from the SFT model, pair them, cache the pairs to `path` (and
+    what made them beside it, `pair_recipe`)."""
     n = args.pair_samples
-    if n < 2:
-        raise InputError(f"--pair-samples {n}: a pair needs at least 2 completions per puzzle")
     puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
     prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
     completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(n)],
@@ -118,8 +117,41 @@ def build_countdown_pairs(model, tokenizer, args, path):
     pairs, ties = label_countdown_pairs(puzzles, samples)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    _recipe_path(path).write_text(json.dumps(pair_recipe(args), indent=1))
     print(f"countdown pairs: {len(pairs)} from {len(puzzles)} puzzles ({ties} ties dropped) → {path}")
     return pairs
+
+
+def pair_recipe(args):
+    """What Countdown pairs are made from: the sampling model (its checkpoint and when that was written), the
+    puzzles, the sampling settings and the seed. A cache made otherwise is not reused."""
+    source = Path(args.model)
+    model = {"model": args.model}
+    if source.is_dir():
+        checkpoint = resolve_checkpoint(source)
+        model = {"model": str(checkpoint.resolve()), "written": (checkpoint / "config.json").stat().st_mtime_ns}
+    return {**model, **{k: getattr(args, k) for k in ("puzzles", "pair_prompts", "pair_samples", "pair_temperature",
+                                                        "pair_max_tokens", "seed")}}
+
+
+def cached_pairs(path, args):
+    """The pairs cached at `path` if they were made by this run's recipe and are not empty; else None, and why."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    recipe = json.loads(_recipe_path(path).read_text()) if _recipe_path(path).exists() else None
+    pairs = read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    differs = [k for k, v in pair_recipe(args).items() if (recipe or {}).get(k) != v]
+    if differs or not pairs:
+        print(f"countdown pairs in {path} not reused: " + (f"made with another {', '.join(differs)}" if differs else
+                                                            "it holds none"))
+        return None
+    print(f"countdown pairs: {len(pairs)} from {path}")
+    return pairs
+
+
+def _recipe_path(path):
+    return Path(path).with_suffix(".recipe.json")
 
 
 def rlaif_relabel(pairs, rm_path, drop=0.0):
@@ -183,14 +215,14 @@ def reference_logprobs(model, pairs, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
-    check_intervals(args)
+    check_args(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
-    out_dir = Path(args.out_dir)
     args = replace(args, model=sft_run(args.model, args.data, flag="--data"))
+    out_dir = run_dir(args.out_dir, args.resume)
     tokenizer = load_tokenizer(args.model)
-    policy_source = resolve_checkpoint(out_dir) if args.resume else args.model
+    policy_source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
     model = load_model(str(policy_source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -198,12 +230,10 @@ def main(args):
     # 2. data (Countdown pairs are sampled from the SFT model, once)
     if args.data == "countdown":
         cache = Path(args.pairs_file or out_dir / "countdown_pairs.jsonl")
-        if cache.exists():
-            pairs = read_jsonl(cache, required=("prompt", "chosen", "rejected"))
-            print(f"countdown pairs: {len(pairs)} from {cache}")
-        elif args.resume:
-            raise InputError(f"{cache}: the Countdown pairs of this run are missing; cannot resume without them")
-        else:
+        pairs = cached_pairs(cache, args)
+        if pairs is None and args.resume:
+            raise InputError(f"{cache}: this run's Countdown pairs are missing or were made otherwise; cannot resume")
+        if pairs is None:
             pairs = build_countdown_pairs(model, tokenizer, args, cache)
     else:
         pairs = preference_pairs(args.data)
@@ -211,9 +241,8 @@ def main(args):
         held_pairs = preference_pairs(args.eval_data)
     elif args.data == "ultrafeedback":
         held_pairs = preference_pairs("ultrafeedback", split="test_prefs")
-    else:  # hold out the last eval_rows pairs, at most a tenth of them
-        n_held = min(args.eval_rows, len(pairs) // 10)
-        pairs, held_pairs = pairs[:len(pairs) - n_held], pairs[len(pairs) - n_held:]
+    else:
+        pairs, held_pairs = hold_out(pairs, args.eval_rows)
     held_pairs = held_pairs[:args.eval_rows]
     if args.rlaif_model:
         pairs = rlaif_relabel(pairs, args.rlaif_model, args.rlaif_drop)
@@ -243,7 +272,6 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     start_step = 0
     if args.resume:
-        state = load_trainer_state(policy_source)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from calculator import SHAPES, solve
-from common import (InputError, encode, load_puzzles, load_tokenizer, make_sampler, read_jsonl, run,
-                    seed_everything)
+from common import (InputError, check_args, encode, hub_dataset, load_puzzles, load_tokenizer, make_sampler, puzzle,
+                    read_jsonl, run, run_dir, seed_everything)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -46,7 +46,8 @@ class Args:
     out_dir: str = "out/eval"         # results.json, results.md, per_prompt.jsonl, leaderboard.jsonl
     puzzles: str = "hub"              # Countdown prompts: hub | a shape (3to4, easy, course; :train/:test/:sft/:rl) | a .json/.jsonl
     n: int = 1024                     # prompts
-    skip: int = 327_680               # first hub/file row (TinyZero's split: its test rows follow the first 327 680)
+    skip: int = -1                    # first puzzle row; -1: 327 680 for hub (TinyZero's test rows follow its first
+                                      # 327 680), 0 for a file
     seed: int = 0                     # seeds generated puzzle shapes and sampling
     responses: str = ""               # score this .jsonl of {num(s), target, response} instead of sampling a model
     samples: int = 1                  # samples per prompt (pass@k for k ≤ samples)
@@ -122,6 +123,21 @@ def sample_responses(sample, tokenizer, prompts, args, n, temperature):
     return [texts[i:i + n] for i in range(0, len(texts), n)]
 
 
+def number_list(text, flag, kind, least):
+    """'1,3,5' → [1, 3, 5]; a value that is not a `kind` ≥ least is one line naming the flag."""
+    try:
+        values = [kind(x) for x in text.split(",")] if text else []
+    except ValueError:
+        values = None
+    if values is None or not all(least <= v < math.inf for v in values):
+        raise InputError(f"{flag} {text}: a comma-separated list of {kind.__name__}s ≥ {least}")
+    return values
+
+
+def first_row(args):
+    return args.skip if args.skip >= 0 else 327_680 if args.puzzles == "hub" else 0
+
+
 def settings(args, temperature, samples):
     return {"temperature": temperature, "top_p": args.top_p if temperature > 0 else 1.0, "samples": samples,
             "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
@@ -132,9 +148,11 @@ def countdown(args, out_dir):
     if args.responses:
         rows = read_jsonl(args.responses, required=("target", "response"))
         groups = {}
-        for row in rows:
-            key = (tuple(row.get("num", row.get("nums", row.get("numbers", [])))), int(row["target"]))
-            groups.setdefault(key, []).append(row["response"])
+        for number, row in enumerate(rows, 1):
+            p = puzzle(row, f"{args.responses}, row {number}")
+            if not isinstance(row["response"], str):
+                raise InputError(f"{args.responses}, row {number}: response is not text")
+            groups.setdefault((tuple(p["nums"]), p["target"]), []).append(row["response"])
         puzzles = [{"nums": list(k[0]), "target": k[1]} for k in groups]
         responses = list(groups.values())
         if len({len(r) for r in responses}) != 1:
@@ -143,17 +161,18 @@ def countdown(args, out_dir):
         if args.best_of or args.tool:
             raise InputError("--best-of and --tool sample a model: they do not combine with --responses")
     else:
-        puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=args.skip)
+        puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=first_row(args))
         tokenizer = load_tokenizer(args.model)
-        sample, _ = make_sampler(tokenizer, args.model, use_vllm=args.vllm, seed=args.seed)
+        sample, _ = make_sampler(tokenizer, args.model, use_vllm=args.vllm, seed=args.seed,
+                                  batch_size=args.batch_size)
         queries = [warmstart_query(p["nums"], p["target"]) for p in puzzles]
         responses = sample_responses(sample, tokenizer, queries, args, args.samples, args.temperature)
     scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, responses)]
     rows = [{"label": "model", **settings(args, args.temperature, len(scores[0])), **countdown_metrics(scores)}]
 
     if args.best_of and sample:
-        for temperature in [float(t) for t in (args.temperatures or str(args.temperature)).split(",")]:
-            ns = sorted(int(x) for x in args.best_of.split(","))
+        for temperature in number_list(args.temperatures, "--temperatures", float, 0) or [args.temperature]:
+            ns = sorted(number_list(args.best_of, "--best-of", int, 1))
             draws = sample_responses(sample, tokenizer, queries, args, max(ns), temperature)
             draw_scores = [[score_response(r, p) for r in rs] for p, rs in zip(puzzles, draws)]
             for n in ns:
@@ -174,7 +193,7 @@ def countdown(args, out_dir):
         for p, rs in zip(puzzles, responses):
             f.write(json.dumps({"num": p["nums"], "target": p["target"], "response": rs[0]}) + "\n")
     generated = args.puzzles.partition(":")[0] in SHAPES
-    source = args.responses or (f"{args.puzzles} (seed {args.seed})" if generated else f"{args.puzzles} rows {args.skip}…")
+    source = args.responses or (f"{args.puzzles} (seed {args.seed})" if generated else f"{args.puzzles} rows {first_row(args)}…")
     return rows, {"prompts": len(puzzles), "source": source}
 
 
@@ -196,7 +215,11 @@ class NemotronJudge:
         self.cache_path, self.retries, self.backoff = Path(cache_path), retries, backoff
         self.cache = {}
         if self.cache_path.exists():
-            for row in read_jsonl(self.cache_path):
+            lines = self.cache_path.read_text().splitlines()
+            if lines and not _json_object(lines[-1]):   # torn by a kill mid-write: drop it, or the next append joins it
+                print(f"{self.cache_path}: last line incomplete, dropped")
+                self.cache_path.write_text("".join(line + "\n" for line in lines[:-1]))
+            for row in read_jsonl(self.cache_path, required=("key", "reward")):
                 self.cache[row["key"]] = row["reward"]
 
     def reward(self, prompt, response):
@@ -222,12 +245,12 @@ class NemotronJudge:
                     print(f"judge at {self.url}: HTTP {e.code} {e.reason} (over its token limit?): recorded as unjudged")
                     return None
                 if (e.code == 429 or e.code >= 500) and attempt < self.retries:
-                    time.sleep(float(e.headers.get("Retry-After") or self.backoff * 2 ** attempt))
+                    self._wait(f"HTTP {e.code} {e.reason}", attempt, e.headers.get("Retry-After"))
                     continue
                 raise InputError(f"judge at {self.url}: HTTP {e.code} {e.reason}") from None
             except urllib.error.URLError as e:
                 if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
+                    self._wait(f"cannot connect ({e.reason})", attempt)
                     continue
                 raise InputError(f"judge at {self.url}: cannot connect ({e.reason})") from None
             except (KeyError, IndexError, TypeError, json.JSONDecodeError):
@@ -236,6 +259,18 @@ class NemotronJudge:
         if not match:
             raise InputError(f"judge at {self.url}: expected 'reward:<number>', got {str(content)[:80]!r}")
         return float(match.group(1))
+
+    def _wait(self, why, attempt, retry_after=None):
+        delay = float(retry_after or self.backoff * 2 ** attempt)
+        print(f"judge at {self.url}: {why}; retrying in {delay:.3g} s ({attempt + 1} of {self.retries})", flush=True)
+        time.sleep(delay)
+
+
+def _json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def win_rate(policy_rewards, reference_rewards):
@@ -253,8 +288,7 @@ def win_rate(policy_rewards, reference_rewards):
 
 def ultrafeedback(args, out_dir):
     if args.prompts == "ultrafeedback":
-        from datasets import load_dataset
-        prompts = list(load_dataset("HuggingFaceH4/ultrafeedback_binarized", split="test_prefs")["prompt"][:args.n])
+        prompts = list(hub_dataset("HuggingFaceH4/ultrafeedback_binarized", "test_prefs")["prompt"][:args.n])
     else:
         prompts = [r["prompt"] for r in read_jsonl(args.prompts, required=("prompt",))][:args.n]
     if args.judge == "nemotron":
@@ -271,7 +305,7 @@ def ultrafeedback(args, out_dir):
     answers, stops = {}, {}
     for name in (args.model, args.reference):  # same prompts, template and sampling settings for both
         tokenizer = load_tokenizer(name)
-        sample, _ = make_sampler(tokenizer, name, use_vllm=args.vllm, seed=args.seed)
+        sample, _ = make_sampler(tokenizer, name, use_vllm=args.vllm, seed=args.seed, batch_size=args.batch_size)
         ids = [encode(tokenizer, p, chat=True)["input_ids"] for p in prompts]
         completions, stops[name] = sample(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, repetition_penalty=args.repetition_penalty)
@@ -421,11 +455,14 @@ def plot_curves(run, path):
 def main(args):
     if args.collect:
         return collect(args.collect.split(","), Path(args.out_dir))
-    seed_everything(args.seed)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_args(args)
     if args.task not in ("countdown", "ultrafeedback"):
         raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
+    number_list(args.best_of, "--best-of", int, 1)      # checked now, not after the model has sampled
+    number_list(args.temperatures, "--temperatures", float, 0)
+    seed_everything(args.seed)
+    out_dir = run_dir(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows, about = (countdown if args.task == "countdown" else ultrafeedback)(args, out_dir)
     results = {"task": args.task, "model": None if args.responses else args.model, **about, "rows": rows,
                "args": asdict(args)}

@@ -2,7 +2,7 @@
 
     python reward_model.py --model out/sft-smoltalk                  # Qwen trunk + scalar head (GPU)
     python reward_model.py --model microsoft/deberta-v3-base --lr 2e-5 --out-dir out/rm-deberta   # an encoder (report 001)
-    python reward_model.py --model tiny --data prefs.jsonl --steps 100   # CPU, no downloads
+    python reward_model.py --model tiny --data tests/fixtures/ultrafeedback.jsonl --steps 20   # CPU, offline
 
     from reward_model import load, score
     rm, tok = load("out/rm"); score(rm, tok, ["How do I boil an egg?"], ["Put it in boiling water for 8 minutes."])
@@ -15,6 +15,7 @@ the same at evaluation as in a training batch. Pairwise accuracy on the held-out
 
 Deviations from the spec: none in the objective.
 """
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, length_grouped_batches,
-                    load_model, load_tokenizer, load_trainer_state, log_metrics, mixed_precision, preference_pairs,
-                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, set_rng_state,
-                    warmup_cosine)
+from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, hold_out,
+                    length_grouped_batches, load_model, load_tokenizer, log_metrics, mixed_precision,
+                    preference_pairs, resolve_checkpoint, resume_point, rng_state, run, run_dir, save_checkpoint,
+                    seed_everything, set_rng_state, warmup_cosine)
 
 
 @dataclass
@@ -97,7 +98,16 @@ def score(model, tokenizer, prompts, responses, chat=True, ends=None, batch_size
 
 
 def load(path, device=None):
-    """A trained reward model and its tokenizer (a directory or a run directory), ready for `score`."""
+    """A trained reward model and its tokenizer (a directory or a run directory), ready for `score`.
+
+    A checkpoint that is not a sequence classifier (a causal LM, an SFT run) is refused: loading it as one
+    would score with a randomly initialised head."""
+    config = resolve_checkpoint(path) / "config.json" if Path(path).is_dir() else None
+    if config is not None:
+        architectures = (json.loads(config.read_text()).get("architectures") if config.exists() else None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise InputError(f"{path}: not a reward model ({', '.join(architectures) or 'no architecture'}): its score "
+                             f"head was never trained; train one with reward_model.py")
     tokenizer = load_tokenizer(str(path))
     return load_model(str(path), tokenizer, device=device, reward=True), tokenizer
 
@@ -123,7 +133,7 @@ def load_pairs(args):
     elif args.data == "ultrafeedback":
         held = preference_pairs("ultrafeedback", split="test_prefs")
     else:
-        train, held = train[:-args.eval_rows], train[-args.eval_rows:]
+        train, held = hold_out(train, args.eval_rows)
     return train, held[:args.eval_rows]
 
 
@@ -146,11 +156,11 @@ def pairwise_accuracy(model, pairs, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
-    check_intervals(args)
+    check_args(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
-    out_dir = Path(args.out_dir)
+    out_dir = run_dir(args.out_dir, args.resume)
 
     # 2. data
     tokenizer = load_tokenizer(args.model)
@@ -165,11 +175,8 @@ def main(args):
           f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | {precision}")
 
     # 3. model, optimizer, schedule
-    start_step, source = 0, args.model
-    if args.resume:
-        source = resolve_checkpoint(out_dir)
-        state = load_trainer_state(source)
-        start_step = state["step"]
+    source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
+    start_step = state["step"] if state else 0
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed, reward=True).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,7 +2,7 @@
 
     python rloo.py --k 8 --lr 1e-6                                  # Countdown from out/sft, rule reward (GPU)
     python rloo.py --task ultrafeedback --model out/sft-smoltalk --reward-model out/rm
-    python rloo.py --model tiny --steps 20 --max-new-tokens 32     # CPU, no downloads
+    python rloo.py --model tiny --puzzles 3to4:train --steps 20 --max-new-tokens 32   # CPU, no downloads
 
 Per step: P prompts, K samples each at temperature T; reward R (compute_score, or a reward model);
 with β > 0 the per-sequence KL estimate log π_θ(y|x) − log π_ref(y|x) is folded into the reward
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, adamw, check_intervals, collate, device_and_dtype, encode, load_model, load_puzzles,
-                    load_tokenizer, load_trainer_state, log_metrics, make_sampler, mixed_precision, read_jsonl,
-                    resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything, sequence_logprobs,
+from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, hub_dataset, load_model,
+                    load_puzzles, load_tokenizer, log_metrics, make_sampler, mixed_precision, read_jsonl,
+                    resume_point, rng_state, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs,
                     set_rng_state, sft_run, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
@@ -113,10 +113,13 @@ def load_prompts(args, tokenizer):
         chat = False
     else:
         if args.prompts == "ultrafeedback":
-            from datasets import load_dataset
-            records = load_dataset("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs").select(range(total))
+            records = hub_dataset("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
+            records = records.select(range(min(total, len(records))))
         else:
             records = read_jsonl(args.prompts, required=("prompt",))[:total]
+            bad = next((i for i, r in enumerate(records, 1) if not isinstance(r["prompt"], str)), None)
+            if bad:
+                raise InputError(f"{args.prompts}, row {bad}: prompt must be text")
         rows, chat = [{"text": r["prompt"]} for r in records], True
     for r in rows:
         r["ids"] = encode(tokenizer, r["text"], chat=chat)["input_ids"]
@@ -139,19 +142,19 @@ def score_completions(task, prompts, texts, reward_model=None, stopped=None):
 
 def main(args):
     # 1. setup
-    check_intervals(args)
+    check_args(args)
     if args.task not in ("countdown", "ultrafeedback"):
         raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
-    if args.k < 2:
-        raise InputError(f"--k {args.k}: the leave-one-out baseline needs K ≥ 2")
+    if args.temperature == 0:   # log-probs are of logits / T: greedy decoding has none
+        raise InputError("--temperature 0: RLOO samples, and scores the samples, at a temperature T > 0")
     if args.top_p != 1:   # sampled from the truncated distribution, scored under the full one: not Eq. 8's gradient
         raise InputError(f"--top-p {args.top_p}: RLOO trains on log-probs of the full distribution; sample with --top-p 1 "
                          f"(evaluate.py may truncate)")
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
-    out_dir = Path(args.out_dir)
     args = replace(args, model=sft_run(args.model, args.task))
+    out_dir = run_dir(args.out_dir, args.resume)
     tokenizer = load_tokenizer(args.model)
     train_prompts, held_prompts = load_prompts(args, tokenizer)
     per_step = args.prompts_per_step * args.k
@@ -161,11 +164,8 @@ def main(args):
           f"T {args.temperature} | β {args.kl_coef} | {precision}")
 
     # 2. models: the policy on the accelerator; π_ref and a reward model stay on the CPU until used
-    start_step, source = 0, args.model
-    if args.resume:
-        source = resolve_checkpoint(out_dir)
-        state = load_trainer_state(source)
-        start_step = state["step"]
+    source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
+    start_step = state["step"] if state else 0
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

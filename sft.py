@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, SFT_RUNS, adamw, check_intervals, collate, device_and_dtype, encode, generate,
-                    length_grouped_batches, load_model, load_tokenizer, load_trainer_state, log_metrics,
-                    mixed_precision, read_jsonl, resolve_checkpoint, rng_state, run, save_checkpoint, seed_everything,
+from common import (InputError, SFT_RUNS, adamw, check_args, collate, device_and_dtype, encode, generate, hold_out,
+                    hub_dataset, length_grouped_batches, load_model, load_tokenizer, log_metrics, mixed_precision,
+                    read_jsonl, resume_point, rng_state, run, run_dir, save_checkpoint, seed_everything,
                     sequence_logprobs, set_rng_state, warmup_cosine)
 
 
@@ -89,11 +89,19 @@ def rows_from_records(records, source):
     """Records of either schema → rows {prompt, completion, chat}. Raw text keeps the WarmStart format."""
     rows = []
     for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise InputError(f"{source}, row {number}: not a JSON object")
         if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                         and isinstance(m.get("content"), str) for m in messages):
+                raise InputError(f"{source}, row {number}: messages must be a list of {{role, content}} with text in each")
             turn = first_turn(record["messages"])
             if turn is not None:
                 rows.append({"prompt": turn[0], "completion": turn[1], "chat": True})
         elif "query" in record and "completion" in record:
+            if not isinstance(record["query"], str) or not isinstance(record["completion"], str):
+                raise InputError(f"{source}, row {number}: query and completion must be text")
             rows.append({"prompt": record["query"], "completion": record["completion"], "chat": False})
         else:
             missing = "completion" if "query" in record else "query"
@@ -114,12 +122,11 @@ def load_data(args):
         train, held = rows_from_records(train, "synthetic"), rows_from_records(held, "synthetic")
     elif args.data.endswith(".jsonl"):
         train = rows_from_records(read_jsonl(args.data), args.data)
-        train, held = (train, None) if args.eval_data else (train[:-args.eval_rows], train[-args.eval_rows:])
+        train, held = (train, None) if args.eval_data else hold_out(train, args.eval_rows)
     elif args.data in ("warmstart", "smoltalk"):
-        from datasets import load_dataset
         name = {"warmstart": "Asap7772/cog_behav_all_strategies", "smoltalk": "HuggingFaceTB/smol-smoltalk"}[args.data]
-        train = rows_from_records(load_dataset(name, split="train"), name)
-        held = rows_from_records(load_dataset(name, split="test"), name)[:args.eval_rows]
+        train = rows_from_records(hub_dataset(name, "train"), name)
+        held = rows_from_records(hub_dataset(name, "test"), name)[:args.eval_rows]
         if args.data == "smoltalk":  # report 000's filter: query < 128 words, completion < 512 words
             short = lambda r: len(r["prompt"].split()) < 128 and len(r["completion"].split()) < 512
             train, held = [r for r in train if short(r)], [r for r in held if short(r)]
@@ -169,13 +176,13 @@ def held_out_loss(model, examples, pad_id, batch_size, autocast):
 
 def main(args):
     # 1. setup
-    check_intervals(args)
+    check_args(args)
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
     task = "ultrafeedback" if args.data == "smoltalk" else "countdown"
     args = replace(args, out_dir=args.out_dir or SFT_RUNS[task])
-    out_dir = Path(args.out_dir)
+    out_dir = run_dir(args.out_dir, args.resume)
 
     # 2. data
     tokenizer = load_tokenizer(args.model)
@@ -193,11 +200,8 @@ def main(args):
           f"planned: {total} steps ≈ {total * per_step / len(train):.2f} epochs | {precision}")
 
     # 3. model, optimizer, schedule (resuming restores all three, the RNG and the data position)
-    start_step, source = 0, args.model
-    if args.resume:
-        source = resolve_checkpoint(out_dir)
-        state = load_trainer_state(source)
-        start_step = state["step"]
+    source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
+    start_step = state["step"] if state else 0
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -4,7 +4,7 @@
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
 #   bash tiny_pipeline.sh out/tiny-s1 1      # another seed
-#   QUICK=1 bash tiny_pipeline.sh out/quick  # the same chain, shortened to a minute (the test suite runs it)
+#   QUICK=1 bash tiny_pipeline.sh            # out/quick: the same chain, shortened to a minute (the tests run it)
 #
 # Every step is one plain command reading the previous step's directory: copy any line.
 # Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"). SFT learns a complete search on the :sft split, one
@@ -14,12 +14,16 @@
 # uses the held-out :test split.
 # Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
-OUT=${1:-out/tiny}
-SEED=${2:-0}
 if [ -n "${QUICK:-}" ]; then
-  SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1
+  SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 DEFAULT_OUT=out/quick
 else
-  SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2
+  SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 DEFAULT_OUT=out/tiny
+fi
+OUT=${1:-$DEFAULT_OUT}
+SEED=${2:-0}
+if [ -e "$OUT" ]; then  # a run's directory is never reused: its checkpoints would mix with the new ones
+  echo "tiny_pipeline.sh: $OUT exists: remove it, or give another directory (bash tiny_pipeline.sh out/tiny-2)" >&2
+  exit 2
 fi
 TOKENS=128  # completion budget everywhere (a search trace is 40–116 tokens)
 

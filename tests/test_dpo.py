@@ -147,3 +147,21 @@ def test_rlaif_orders_pairs_by_the_reward_model_and_drops_low_ones(tmp_path, tok
     assert s(dropped, "chosen").max() <= s(high, "chosen").min() + tol
     with pytest.raises(common.InputError, match="--rlaif-drop 1"):
         dpo.rlaif_relabel(pairs, str(tmp_path / "rm"), drop=1)
+
+
+def test_countdown_pairs_are_reused_only_for_the_recipe_that_made_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dpo, "score_response", lambda text, puzzle: float(len(text) % 7))
+    built = []
+    real = dpo.build_countdown_pairs
+    monkeypatch.setattr(dpo, "build_countdown_pairs", lambda *a: built.append(1) or real(*a))
+    cache = str(tmp_path / "pairs.jsonl")
+    args = dict(model="tiny", data="countdown", puzzles="3to4:train", pair_prompts=6, pair_max_tokens=12, pairs_file=cache,
+                batch_size=2, grad_accum=1, steps=1, eval_every=0)
+    dpo.main(dpo.Args(**args, out_dir=str(tmp_path / "a")))
+    dpo.main(dpo.Args(**args, out_dir=str(tmp_path / "b")))                           # the same recipe: reused
+    assert len(built) == 1
+    dpo.main(dpo.Args(**{**args, "pair_temperature": 0.7}, out_dir=str(tmp_path / "c")))   # sampled otherwise
+    assert len(built) == 2 and "made with another pair_temperature" in capsys.readouterr().out
+    (tmp_path / "pairs.jsonl").write_text("")                                         # a failed run's empty cache
+    dpo.main(dpo.Args(**{**args, "pair_temperature": 0.7}, out_dir=str(tmp_path / "d")))
+    assert len(built) == 3

@@ -229,3 +229,28 @@ def test_tiny_ultrafeedback_run_with_a_local_judge(tmp_path, tokenizer):
     assert row["wins"] + row["ties"] + row["losses"] == 5 and 0 <= row["win_rate"][0] <= 1
     per_prompt = [json.loads(line) for line in (tmp_path / "o" / "per_prompt.jsonl").read_text().splitlines()]
     assert len(per_prompt) == 5 and {"response", "reference_response", "reward", "reference_reward"} <= set(per_prompt[0])
+
+
+def test_batch_size_reaches_generate_and_a_puzzle_file_starts_at_its_first_row(tmp_path, monkeypatch):
+    seen = []
+    real = common.generate
+    monkeypatch.setattr(common, "generate", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    puzzles = tmp_path / "p.jsonl"
+    puzzles.write_text('{"target": 3, "num": [1, 2]}\n{"target": 10, "num": [2, 5]}\n')
+    results = evaluate.main(evaluate.Args(model="tiny", puzzles=str(puzzles), n=2, batch_size=1, max_new_tokens=4,
+                                          out_dir=str(tmp_path / "o")))   # the hub's --skip 327 680 is not a file's
+    assert seen == [1] and results["prompts"] == 2 and "rows 0…" in results["source"]
+
+
+def test_the_judge_says_it_is_retrying_and_survives_a_torn_cache_line(judge_server, tmp_path, capsys):
+    cache = tmp_path / "cache.jsonl"
+    Judge.plan = [(200, "reward:1.5")]
+    evaluate.NemotronJudge(judge_server, "nemotron", SECRET, cache).reward("p1", "r1")
+    with open(cache, "a") as f:
+        f.write('{"key": "abc", "rew')                  # killed mid-write
+    Judge.plan = [(503, "busy"), (200, "reward:2.5")]
+    judge = evaluate.NemotronJudge(judge_server, "nemotron", SECRET, cache, backoff=0.01)
+    assert judge.reward("p1", "r1") == 1.5 and judge.reward("p2", "r2") == 2.5
+    out = capsys.readouterr().out
+    assert "last line incomplete, dropped" in out and "HTTP 503" in out and "retrying in 0.01 s (1 of 6)" in out
+    assert [r["reward"] for r in common.read_jsonl(cache)] == [1.5, 2.5]

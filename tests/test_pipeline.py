@@ -19,3 +19,6 @@ def test_quick_tiny_pipeline_runs_end_to_end_and_writes_the_table(tmp_path):
     for stage in ("base", "sft", "rloo", "dpo"):
         assert f"| {stage}-greedy | greedy |" in table and f"| {stage}-sampled | sampled |" in table
     assert table == run.stdout[-len(table):]   # the chain ends by printing the table it wrote
+    again = subprocess.run(["bash", str(ROOT / "tiny_pipeline.sh"), str(out), "3"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and f"{out} exists" in again.stderr   # never a new run over an old one

@@ -106,3 +106,10 @@ def test_an_encoder_reward_model_reads_its_own_pooling(tmp_path):
     torch.testing.assert_close(chosen, one, atol=1e-5, rtol=1e-5)
     rejected = reward_model.score(rm, tok, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
     assert (chosen > rejected).float().mean() > 0.9
+
+
+def test_a_causal_lm_is_not_taken_for_a_reward_model(tmp_path, tokenizer, model):
+    model.save_pretrained(tmp_path / "sft")   # an SFT checkpoint: loading it as a classifier gives a random head
+    tokenizer.save_pretrained(tmp_path / "sft")
+    with pytest.raises(common.InputError, match=r"sft: not a reward model \(Qwen2ForCausalLM\)"):
+        reward_model.load(tmp_path / "sft")

@@ -129,7 +129,7 @@ def test_top_p_below_1_is_refused_in_training():
 
 
 def test_k_below_2_is_a_clear_error():
-    with pytest.raises(rloo.InputError, match="K ≥ 2"):
+    with pytest.raises(rloo.InputError, match="--k 1: must be ≥ 2"):
         rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", k=1))
 
 

@@ -151,3 +151,17 @@ def test_cli_bad_synthetic_flags_are_one_line(flags, says):
     assert out.returncode == 2
     assert out.stderr.startswith("sft.py: error: --puzzles ") and says in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    flags = ["--model", "tiny", "--data", "synthetic", "--synthetic-rows", "64", "--steps", "4", "--batch-size", "4",
+             "--grad-accum", "2", "--lr", "1e-3", "--save-every", "2", "--eval-every", "0"]
+    cli = lambda *more: subprocess.run([sys.executable, str(ROOT / "sft.py"), *flags, *more], capture_output=True,
+                                       text=True, timeout=300, cwd=tmp_path)
+    assert cli("--out-dir", "a").returncode == 0 and cli("--out-dir", "b").returncode == 0
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "step-4")
+    assert cli("--out-dir", "b", "--resume").returncode == 0   # the step-2 checkpoint, loaded in a fresh process
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "step-4" / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

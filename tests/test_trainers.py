@@ -124,3 +124,28 @@ def test_generate_runs_under_the_trainers_autocast(model, tokenizer, monkeypatch
     common.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
     hook.remove()
     assert seen[:len(seen) // 2] == [False] * (len(seen) // 2) and all(seen[len(seen) // 2:])
+
+
+def test_a_run_is_not_overwritten_and_resumes_only_with_its_own_flags(tmp_path, capsys):
+    args = dict(model="tiny", data=str(FIXTURES / "smoltalk.jsonl"), eval_rows=1, batch_size=2, grad_accum=1,
+                steps=4, save_every=2, log_every=1, eval_every=0, out_dir=str(tmp_path))
+    sft.main(sft.Args(**args))
+    with pytest.raises(common.InputError, match=r"holds a run \(step-4\): continue it with --resume"):
+        sft.main(sft.Args(**{**args, "steps": 2}))          # would have rotated away its own step-2 at once
+    with pytest.raises(common.InputError, match=r"--resume with other flags: --lr 0.1 \(the run's: 2e-05\)"):
+        sft.main(sft.Args(**args, lr=0.1, resume=True))
+    import shutil
+    shutil.rmtree(tmp_path / "step-4")                       # killed after step 4 was logged, before it was saved
+    sft.main(sft.Args(**{**args, "log_every": 2}, resume=True))   # what is logged may change
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4]                                # steps 3 and 4 of the first run dropped, 4 logged again
+
+
+def test_a_small_file_still_trains_and_says_what_it_held_out(tmp_path, capsys):
+    rows = FIXTURES / "ultrafeedback.jsonl"                  # 8 pairs: --eval-rows 500 would have held out all
+    reward_model.main(reward_model.Args(model="tiny", data=str(rows), steps=1, batch_size=2, grad_accum=1, eval_every=0,
+                                        out_dir=str(tmp_path / "rm")))
+    assert capsys.readouterr().out.startswith("8 training pairs (0 dropped over 1024 tokens), 0 held out")
+    sft.main(sft.Args(model="tiny", data=str(FIXTURES / "smoltalk.jsonl"), eval_rows=0, steps=1, batch_size=2,
+                      grad_accum=1, eval_every=0, out_dir=str(tmp_path / "sft")))   # [:-0] held out everything
+    assert "6 training rows" in capsys.readouterr().out
