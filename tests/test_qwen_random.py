@@ -187,7 +187,8 @@ def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch):
 def reward_model_dir(runs):
     import reward_model
     out = runs / "rm"
-    reward_model.main(reward_model.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"), eval_rows=2,
+    reward_model.main(reward_model.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"),
+                                        eval_data=str(FIXTURES / "ultrafeedback.jsonl"), eval_rows=2,
                                         batch_size=2, grad_accum=1, steps=1, eval_every=1, out_dir=str(out)))
     return out
 
