@@ -1,25 +1,16 @@
-"""Shared helpers for the trainers: CLI, loading, tokenisation and masks, log-probs, sampling, saving.
+"""What the trainers share: loading, tokenisation and masks, log-probs, sampling, optimiser, checkpoints, logs.
 
-Every correctness-critical piece lives here once: the completion mask (built from lengths, never
-from token ids: Qwen's pad token is its EOS), the shift by one between logits and labels, the
-temperature applied to log-probs of sampled text, and the end-of-turn token inside the loss.
-No losses, no training loops: those are in the trainer files.
+Every correctness-critical piece lives here once: the completion mask (built from lengths, never from token ids:
+Qwen's pad token is its EOS), the shift by one between logits and labels, the temperature applied to log-probs of
+sampled text, the end-of-turn token inside the loss. No losses, no training loops: those are in the trainers.
 """
-import argparse
 import dataclasses
 import importlib.util
-import inspect
-import io
 import json
-import math
 import os
 import random
-import re
 import shutil
-import socket
-import sys
 import time
-import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -29,56 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
+# What the user hands in (flags, files, puzzles) is read and checked in inputs.py; the trainers import it from here.
+from inputs import (SFT_RUNS, InputError, check_args, hold_out, hub_dataset, hub_reachable, load_puzzles,  # noqa: F401
+                    parse_args, preference_pairs, puzzle, read_jsonl, run, run_dir, sft_run)  # noqa: F401
 from testbed import END_OF_TEXT, IM_END
 
 QWEN = "Qwen/Qwen2.5-0.5B"
 SYSTEM_PROMPT = "You are a helpful assistant."  # the one system turn of every chat prompt, train and eval
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def run(main, args_class):
-    """The command-line entry point of a script: parse the flags, run, and turn an InputError into one line."""
-    args = parse_args(args_class)
-    try:
-        main(args)
-    except InputError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(args_class, argv=None):
-    """A dataclass of knobs from the command line: `--k 8`, `--k=8`, `--kl-coef`/`--kl_coef`, `--flag`/`--no-flag`.
-
-    Help text is each field's trailing comment. An unknown flag or a bad value exits 2 (argparse).
-    """
-    comments = _field_comments(args_class)
-    parser = argparse.ArgumentParser(description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for field in dataclasses.fields(args_class):
-        names = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
-        kind = _TYPES.get(field.type, field.type)  # annotations may be strings (`from __future__ import annotations`)
-        if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=comments.get(field.name, ""))
-        else:
-            parser.add_argument(*names, type=kind, default=field.default, help=comments.get(field.name, ""))
-    return args_class(**vars(parser.parse_args(argv)))
-
-
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-def _field_comments(args_class):
-    try:
-        source = inspect.getsource(args_class)
-    except (OSError, TypeError):  # defined in a notebook cell
-        return {}
-    comments = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT and (m := re.match(r"\s*(\w+)\s*:", tok.line)):
-            comments[m.group(1)] = tok.string.lstrip("# ").strip()
-    return comments
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -123,43 +71,9 @@ def locate(name):
     if looks_like_path:
         raise InputError(f"{name}: no such directory")
     from huggingface_hub import try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not _hub_reachable():
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not hub_reachable():
         raise InputError(f"{name}: no such directory, and the hub cannot be reached to fetch it (offline?)")
     return name
-
-
-def _hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def hub_dataset(name, split):
-    """A split of a hub dataset, or one line saying the hub cannot be reached (offline, and not cached)."""
-    from datasets import load_dataset
-    try:
-        return load_dataset(name, split=split)
-    except (ConnectionError, OSError) as e:
-        raise InputError(f"cannot load the hub dataset {name} ({split}): {str(e).splitlines()[0][:160]}") from None
-
-
-SFT_RUNS = {"countdown": "out/sft", "ultrafeedback": "out/sft-smoltalk"}   # where the README's sft.py commands write
-
-
-def sft_run(model, task, flag="--task"):
-    """--model if given, else the SFT run of the task (SFT_RUNS); a one-line error when there is none."""
-    if model:
-        return model
-    if task not in SFT_RUNS:
-        raise InputError(f"--model: no default SFT checkpoint for {flag} {task}; pass the checkpoint to start from")
-    if not Path(SFT_RUNS[task]).exists():
-        raise InputError(f"--model: no SFT run for {task} at {SFT_RUNS[task]}; train it first (README) or pass --model")
-    return SFT_RUNS[task]
 
 
 def load_tokenizer(name=QWEN):
@@ -183,13 +97,10 @@ def load_tokenizer(name=QWEN):
 
 
 def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, reward=False):
-    """A causal LM in eval mode (dropout off). dtype/device default to bf16 on CUDA, fp32 on CPU.
+    """A causal LM in eval mode, by default in device_and_dtype()'s dtype (trainers ask for fp32 master weights).
 
-    Trainers load their policy in float32 (master weights for AdamW) and run forward passes under
-    bf16 autocast on CUDA; frozen models (reference, evaluation) use bf16 directly.
     `tiny` and `qwen-random` (Qwen2.5-0.5B's shape) are seeded random models built in-process (testbed.py).
-    reward=True: a sequence classifier with one output (a new scalar head on a causal LM's trunk, or
-    an encoder such as DeBERTa), for reward_model.py.
+    reward=True: a one-output sequence classifier (a new scalar head on a causal trunk, or an encoder).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     default_device, default_dtype = device_and_dtype()
@@ -224,11 +135,6 @@ def chat_prompt(tokenizer, user_text):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def end_of_completion(tokenizer, chat):
-    """The token a completion ends with: <|im_end|> in chat format, EOS in raw-text format."""
-    return tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id
-
-
 def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     """Token ids of prompt + completion + end token, and the prompt's length (where the loss starts).
 
@@ -246,7 +152,8 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     if completion is None:
         return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
     completion_ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    completion_ids += [end_of_completion(tokenizer, chat)] if end else []
+    end_token = tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id   # end of turn, or of text
+    completion_ids += [end_token] if end else []
     return {"input_ids": prompt_ids + completion_ids, "prompt_len": len(prompt_ids)}
 
 
@@ -267,10 +174,8 @@ def collate(examples, pad_id):
 
 
 def length_grouped_batches(lengths, batch_size, seed, group=64):
-    """Index batches of similar length (little padding) in a seeded random order.
-
-    Shuffle, cut into groups of `group` batches, sort each group by length, batch it, shuffle the batches.
-    """
+    """Index batches of similar length (little padding) in a seeded random order: shuffle, cut into groups of
+    `group` batches, sort each group by length, batch it, shuffle the batches."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -282,64 +187,9 @@ def length_grouped_batches(lengths, batch_size, seed, group=64):
     return batches
 
 
-class InputError(ValueError):
-    """Bad user input (a file, a row, a flag): scripts print it as one line and exit 2."""
-
-
-_POSITIVE, _COUNT = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: v >= 1, "≥ 1")
-_NON_NEGATIVE, _OFF_OR_MORE = (lambda v: 0 <= v < math.inf, "≥ 0"), (lambda v: v >= 0, "≥ 0 (0: off)")
-_SHARE = (lambda v: 0 <= v < 1, "in [0, 1)")
-# The valid values of every numeric flag of every script, by name (a name means the same everywhere).
-FLAG_RANGES = {
-    "lr": _POSITIVE, "beta": _POSITIVE, "pair_temperature": _POSITIVE, "repetition_penalty": _POSITIVE,
-    "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE, "epochs": _NON_NEGATIVE, "overlong_penalty": _NON_NEGATIVE,
-    "temperature": (lambda v: 0 <= v < math.inf, "≥ 0 (0: greedy)"),
-    "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "vllm_memory": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "warmup": _SHARE, "rlaif_drop": _SHARE,
-    "batch_size": _COUNT, "grad_accum": _COUNT, "max_len": _COUNT, "max_new_tokens": _COUNT, "pair_max_tokens": _COUNT,
-    "log_every": _COUNT, "save_every": _COUNT, "synthetic_rows": _COUNT, "pair_prompts": _COUNT, "n_prompts": _COUNT,
-    "prompts_per_step": _COUNT, "micro_prompts": _COUNT, "samples": _COUNT, "n": _COUNT,
-    "k": (lambda v: v >= 2, "≥ 2 (the leave-one-out baseline)"), "pair_samples": (lambda v: v >= 2, "≥ 2 (a pair)"),
-    "steps": (lambda v: v >= 0, "≥ 0"), "eval_rows": (lambda v: v >= 0, "≥ 0"), "eval_prompts": (lambda v: v >= 0, "≥ 0"),
-    "eval_every": _OFF_OR_MORE, "sample_every": _OFF_OR_MORE,
-    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2³²)"), "skip": (lambda v: v >= -1, "≥ 0, or -1 (the default)"),
-}
-
-
-def check_args(args):
-    """Every numeric flag against FLAG_RANGES, before any work: one line naming the flag and its valid values."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.name in FLAG_RANGES and not isinstance(value, bool) and isinstance(value, (int, float)):
-            valid, text = FLAG_RANGES[field.name]
-            if not valid(value):
-                raise InputError(f"--{field.name.replace('_', '-')} {value}: must be {text}")
-
-
 # Flags a resumed run may change: they decide what is logged and kept, and how fast, not what is trained.
 RESUMABLE = {"resume", "out_dir", "log_every", "eval_every", "save_every", "sample_every", "vllm", "vllm_memory",
              "gradient_checkpointing"}
-
-
-def run_dir(out_dir, resume=None):
-    """out_dir as a Path, checked before any work: named, and not a file. For a trainer (resume True/False) also: a
-    run already there (step-N, metrics.jsonl) needs --resume, and --resume needs a checkpoint there. A new run on an
-    old one's directory would rotate away its own checkpoints (the old ones are newer by number) and mix the logs."""
-    if not str(out_dir).strip():
-        raise InputError("--out-dir is empty: name the run's directory")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out-dir {out}: a file, not a directory")
-    if resume is None:
-        return out
-    steps = sorted(out.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if resume and not steps:
-        raise InputError(f"--resume: no checkpoint (step-N) in {out}")
-    if not resume and (steps or (out / "metrics.jsonl").exists()):
-        raise InputError(f"--out-dir {out} holds a run ({steps[-1].name if steps else 'metrics.jsonl'}): continue it "
-                         f"with --resume, or give another --out-dir")
-    return out
 
 
 def resume_point(out_dir, args):
@@ -366,115 +216,6 @@ def _step(line):
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):   # a line torn by a kill
         return None
-
-
-def hold_out(rows, wanted):
-    """(training rows, held-out rows): the last `wanted` rows, at most a tenth of them, so a small file still trains
-    (the trainers' first line says how many were held out)."""
-    n = min(wanted, len(rows) // 10)
-    return rows[:len(rows) - n], rows[len(rows) - n:]
-
-
-def read_jsonl(path, required=()):
-    """Rows (JSON objects) of a JSONL file; a bad line, a row that is not an object, a missing column or a file that
-    is not UTF-8 is an InputError naming file, row and column."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file")
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:   # JSONDecodeError, and integers of over 4 300 digits
-                    raise InputError(f"{path}, row {number}: not valid JSON ({getattr(e, 'msg', e)})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}, row {number}: not a JSON object (a {type(row).__name__})")
-                missing = [c for c in required if c not in row]
-                if missing:
-                    raise InputError(f"{path}, row {number}: missing column {missing[0]!r} (has {sorted(row)})")
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    return rows
-
-
-def preference_pairs(source, split="train_prefs"):
-    """Rows {prompt, chosen, rejected, chat} from UltraFeedback or a local JSONL in its schema.
-
-    `ultrafeedback` is HuggingFaceH4/ultrafeedback_binarized (`train_prefs` / `test_prefs`), where
-    chosen and rejected are conversations whose last message is the response; in a local file they
-    may also be plain response strings. Raw-text pairs (Countdown) carry "chat": false.
-    """
-    if source == "ultrafeedback":
-        records, name = hub_dataset("HuggingFaceH4/ultrafeedback_binarized", split), "ultrafeedback_binarized"
-    elif str(source).endswith(".jsonl"):
-        records, name = read_jsonl(source, required=("prompt", "chosen", "rejected")), source
-    else:
-        raise InputError(f"preference data {source!r}: use ultrafeedback or a .jsonl with prompt, chosen, rejected")
-    response = lambda x: x[-1]["content"] if isinstance(x, list) else x
-    pairs = []
-    for number, r in enumerate(records, 1):
-        if not isinstance(r["prompt"], str) or not all(isinstance(response(r[k]), str) for k in ("chosen", "rejected")):
-            raise InputError(f"{name}, row {number}: prompt must be text, chosen/rejected text or a list of messages")
-        pairs.append({"prompt": r["prompt"], "chosen": response(r["chosen"]), "rejected": response(r["rejected"]),
-                      "chat": r.get("chat", True)})
-    return pairs
-
-
-def load_puzzles(source, n, seed=0, skip=0):
-    """Countdown puzzles [{"target", "nums"}] from one of:
-
-    a generated shape (calculator.SHAPES): "3to4" (like Countdown-Tasks-3to4), "easy", "course",
-    optionally split ("easy:train", "easy:test": disjoint by construction; "easy:sft" and "easy:rl" cut
-    "easy:train" in two, see calculator.SPLITS), seeded;
-    "hub": Jiayi-Pan/Countdown-Tasks-3to4, rows skip … skip + n;
-    a .json / .jsonl file of rows with "target" and "nums" (or the course's "num", or "numbers").
-    """
-    from calculator import SHAPES, puzzles_from_spec
-    if source.partition(":")[0] in SHAPES:
-        try:
-            return puzzles_from_spec(source, n, seed)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-    if source == "hub":
-        rows = hub_dataset("Jiayi-Pan/Countdown-Tasks-3to4", "train")
-        rows = rows.select(range(min(skip, len(rows)), min(skip + n, len(rows))))
-    elif str(source).endswith((".json", ".jsonl")):
-        rows = read_jsonl(source) if str(source).endswith(".jsonl") else _read_json_list(source)
-        if skip >= len(rows):
-            raise InputError(f"{source}: {len(rows)} rows; --skip {skip} leaves none")
-        rows = rows[skip:skip + n]
-    else:
-        raise InputError(f"puzzles {source!r}: use a shape ({', '.join(SHAPES)}), hub, or a .json/.jsonl file")
-    return [puzzle(row, f"{source}, row {number}") for number, row in enumerate(rows, skip + 1)]
-
-
-def _read_json_list(path):
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:   # missing, not UTF-8, not JSON
-        raise InputError(f"{path}: not a readable JSON file ({str(e).splitlines()[0][:80]})") from None
-    if not isinstance(rows, list):
-        raise InputError(f"{path}: a JSON list of puzzles expected")
-    return rows
-
-
-def puzzle(row, where):
-    """{"target", "nums"} of a row that names its numbers "nums", "num" (the course) or "numbers", checked, never
-    coerced: whole numbers in [0, 10¹²) only (3.9 is not truncated to 3, "12" is not read as [1, 2])."""
-    whole = lambda x: not isinstance(x, bool) and (isinstance(x, int) or isinstance(x, float) and x.is_integer()) \
-        and 0 <= x < 10 ** 12
-    nums = next((row[k] for k in ("nums", "num", "numbers") if k in row), None) if isinstance(row, dict) else None
-    if nums is None or "target" not in row:
-        raise InputError(f"{where}: needs 'target' and 'nums' (or 'num')")
-    if not whole(row["target"]):
-        raise InputError(f"{where}: target {str(row['target'])[:24]!r} is not a whole number in [0, 10¹²)")
-    if not isinstance(nums, list) or not nums or not all(map(whole, nums)):
-        raise InputError(f"{where}: nums {str(nums)[:40]!r} is not a list of whole numbers in [0, 10¹²)")
-    return {"target": int(row["target"]), "nums": [int(x) for x in nums]}
 
 
 # ------------------------------------------------------------------------------------------ log-probs
@@ -549,48 +290,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     return completions, stopped
 
 
-class VLLMSampler:
-    """`generate` through an in-process vLLM engine (CUDA only; the one place vLLM is imported).
-
-    The engine starts from `path` (a model or run directory, or a hub id) and afterwards receives the
-    policy's weights straight from memory with `load_weights(model)` after every optimiser step — no
-    checkpoint round trip. Same contract as `generate`: stop on <|im_end|> / <|endoftext|>, the stop
-    token kept, unknown ids never sampled. Written against vLLM 0.32–0.33's V1 engine run in this process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0, or the model lives in another process); tests/test_vllm_contract.py
-    holds the facts of vLLM's source this relies on.
-    """
-
-    def __init__(self, path, tokenizer, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # set, not defaulted: with 1 the weights cannot be pushed
-        from vllm import LLM
-        source = str(resolve_checkpoint(path)) if Path(path).exists() else path
-        state, threads = rng_state(), torch.get_num_threads()   # the engine reseeds every global RNG, and sets
-        self.llm = LLM(model=source, tokenizer=source, dtype=str(dtype).removeprefix("torch."), seed=seed,
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
-        set_rng_state(state)                                     # torch to one thread: both put back
-        torch.set_num_threads(threads)
-        self.tokenizer, self.stops, self.dtype = tokenizer, stop_token_ids(tokenizer), dtype
-        # the rows no token owns (Qwen: 271) get vLLM's lowest bias, −100; allowed_token_ids would need all
-        # 151 665 ids, and vLLM takes at most 1 024 there (and in logit_bias)
-        self.unknown = {i: -100.0 for i in range(len(tokenizer), self.llm.model_config.get_vocab_size())} or None
-
-    def load_weights(self, model):
-        worker = self.llm.llm_engine.model_executor.driver_worker
-        worker = getattr(worker, "worker", worker)
-        weights = ((name, p.detach().to(self.dtype)) for name, p in model.state_dict().items())   # the engine's dtype
-        worker.model_runner.model.load_weights(weights)
-        self.llm.reset_prefix_cache()   # cached prefixes hold the old weights' keys and values
-
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0):
-        from vllm import SamplingParams
-        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
-                                repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
-                                stop_token_ids=self.stops, skip_special_tokens=False, logit_bias=self.unknown)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
-        completions = [list(out.outputs[0].token_ids) for out in outputs]   # a stop token is kept, as in `generate`
-        return completions, [out.outputs[0].finish_reason == "stop" for out in outputs]
-
-
 def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):
     """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p, repetition_penalty) → (completions, stopped).
 
@@ -603,7 +302,12 @@ def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilizat
         if importlib.util.find_spec("vllm") is None:
             print("vLLM is not installed: sampling with transformers' generate")
         else:
-            engine = VLLMSampler(path, tokenizer, gpu_memory_utilization, seed=seed, dtype=dtype)
+            from vllm_sampler import VLLMSampler
+            state, threads = rng_state(), torch.get_num_threads()   # starting the engine reseeds every global RNG
+            engine = VLLMSampler(locate(path), stop_token_ids(tokenizer), len(tokenizer), gpu_memory_utilization,
+                                 seed, dtype)
+            set_rng_state(state)                                      # and sets torch to one thread: both put back
+            torch.set_num_threads(threads)
             return engine.generate, engine
     model = model if model is not None else load_model(path, tokenizer, seed=seed)
     return (lambda ids, **kw: generate(model, tokenizer, ids, batch_size=batch_size, **kw)), None

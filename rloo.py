@@ -25,7 +25,6 @@ stopping (--overlong-penalty, 0 by default; TRL's missing_eos_penalty).
 import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 

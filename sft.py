@@ -19,7 +19,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

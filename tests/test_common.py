@@ -1,6 +1,5 @@
 """common.py: the CLI, masks from lengths, log-probs against references, sampling, atomic saves."""
 import json
-import types
 from pathlib import Path
 from dataclasses import dataclass
 

@@ -28,7 +28,7 @@ FILES = {
     "a_file": "not a directory",
 }
 CASES = [   # script, arguments, what the one line says
-    # every numeric flag against its range (common.FLAG_RANGES)
+    # every numeric flag against its range (inputs.FLAG_RANGES)
     ("sft", "--model tiny --grad-clip -1", "--grad-clip -1.0: must be > 0"),
     ("sft", "--model tiny --grad-clip 0", "--grad-clip 0.0: must be > 0"),
     ("sft", "--model tiny --grad-accum 0", "--grad-accum 0: must be ≥ 1"),

@@ -1,4 +1,4 @@
-"""common.VLLMSampler and rloo.py against a stand-in `vllm` that enforces what vLLM 0.33.0's source says.
+"""vllm_sampler.VLLMSampler and rloo.py against a stand-in `vllm` that enforces what vLLM 0.33.0's source says.
 
 vLLM is CUDA-only and can't be installed here, so the facts the sampler relies on are written down as a
 stand-in module (this file only), each with the file of vLLM 0.33.0 it was read from, and the repo's
@@ -27,6 +27,7 @@ import torch
 
 import common
 import rloo
+import vllm_sampler
 
 MAX_IDS = 1024
 
@@ -133,7 +134,7 @@ def test_the_sampler_fits_vllms_id_caps_at_qwens_vocabulary(vllm, monkeypatch):
     engine = types.SimpleNamespace(model_config=types.SimpleNamespace(get_vocab_size=lambda: 151_936), calls=[])
     engine.generate = lambda prompts, params, use_tqdm: engine.calls.append(params) or LLM.generate(engine, prompts, params)
     monkeypatch.setattr(vllm, "LLM", lambda **kw: engine)
-    sampler = common.VLLMSampler("Qwen/Qwen2.5-0.5B", qwen)
+    sampler = vllm_sampler.VLLMSampler("Qwen/Qwen2.5-0.5B", common.stop_token_ids(qwen), len(qwen))
     sampler.generate([], max_new_tokens=8)   # the engine validates the parameters, as vLLM does at generate time
     bias = engine.calls[0].logit_bias
     assert sorted(bias) == list(range(151_665, 151_936)) and set(bias.values()) == {-100.0}   # 271 rows, never sampled
