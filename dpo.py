@@ -255,7 +255,8 @@ def main(args):
         raise InputError(f"no preference pairs left in --data {args.data} (dropped over --max-len: {dropped})")
     per_step = args.batch_size * args.grad_accum
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
-    print(f"{len(train)} training pairs ({dropped} dropped over --max-len {budget}), {len(held)} held out | "
+    length = f"{dropped} dropped over --max-len {budget}" if budget else f"capped at --pair-max-tokens {args.pair_max_tokens}"
+    print(f"{len(train)} training pairs ({length}), {len(held)} held out | "
           f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | "
           f"{precision}")
 
