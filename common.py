@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
+from distributed import (all_rng_states, all_sum, barrier, end_processes, my_share, rank_and_world,  # noqa: F401
+                         restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
+                         sync_if, training_forward)  # noqa: F401
 # What the user hands in (flags, files, puzzles) is read and checked in inputs.py; the trainers import it from here.
 from inputs import (SFT_RUNS, InputError, check_args, hold_out, hub_dataset, hub_reachable, load_puzzles,  # noqa: F401
                     parse_args, preference_pairs, puzzle, read_jsonl, run, run_dir, sft_run)  # noqa: F401
@@ -203,7 +206,7 @@ def resume_point(out_dir, args):
         raise InputError(f"--resume with other flags: {shown}. Resume with the run's flags, or give another --out-dir")
     state = load_trainer_state(source)
     metrics = Path(out_dir) / "metrics.jsonl"
-    if metrics.exists():
+    if metrics.exists() and rank_and_world()[0] == 0:
         kept = [line for line in metrics.read_text().splitlines() if _step(line) is not None and _step(line) <= state["step"]]
         tmp = metrics.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -304,8 +307,9 @@ def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilizat
         else:
             from vllm_sampler import VLLMSampler
             state, threads = rng_state(), torch.get_num_threads()   # starting the engine reseeds every global RNG
+            rank, world = rank_and_world()   # under torchrun: an engine per process, each with its own seed
             engine = VLLMSampler(locate(path), stop_token_ids(tokenizer), len(tokenizer), gpu_memory_utilization,
-                                 seed, dtype)
+                                 seed + rank, dtype, under_torchrun=world > 1)
             set_rng_state(state)                                      # and sets torch to one thread: both put back
             torch.set_num_threads(threads)
             return engine.generate, engine
@@ -332,36 +336,19 @@ def adamw(model, lr, weight_decay=0.0):
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2):
     """Write out_dir/step-N atomically: a temporary directory, then one rename. Keep the newest `keep`.
+    Every process calls it (it gathers their RNG states into the trainer state); rank 0 alone writes.
 
     The saved generation config names every stop id we sample with (<|im_end|> and <|endoftext|>).
 
     A kill -9 during the save leaves a `.tmp-*` directory that loading ignores, never a half checkpoint
     (an old checkpoint, too, and one saved again at the same step, is renamed out of sight before it is deleted).
-    trainer_state holds what resuming needs (optimizer, scheduler, RNG states, step).
+    trainer_state holds what resuming needs (optimizer, scheduler, step; the RNG states are added).
     """
+    trainer_state = {**trainer_state, "rng": all_rng_states()}
+    if rank_and_world()[0] != 0:
+        return None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp = out_dir / f"step-{step}", out_dir / f".tmp-step-{step}-{os.getpid()}"
@@ -388,7 +375,9 @@ def load_trainer_state(checkpoint_dir):
 
 
 def log_metrics(out_dir, step, total, metrics):
-    """One line on stdout (`step  40/500 | loss 0.412 | ... | 3.1 s`); the same record into metrics.jsonl."""
+    """One line on stdout (`step  40/500 | loss 0.412 | ... | 3.1 s`); the same record into metrics.jsonl (rank 0)."""
+    if rank_and_world()[0] != 0:
+        return
     parts = [f"step {step:>{len(str(total))}}/{total}"]
     parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "time"]
     if "time" in metrics:

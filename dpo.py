@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, generate, hold_out,
-                    length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics, mixed_precision,
-                    preference_pairs, read_jsonl, resolve_checkpoint, resume_point, rng_state, run, run_dir,
-                    save_checkpoint, seed_everything, sequence_logprobs, set_rng_state, sft_run, warmup_cosine)
+from common import (InputError, adamw, all_sum, barrier, check_args, collate, device_and_dtype, encode, end_processes,
+                    generate, hold_out, length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics,
+                    mixed_precision, my_share, preference_pairs, rank_and_world, read_jsonl, resolve_checkpoint,
+                    restore_rng_states, resume_point, run, run_dir, save_checkpoint, seed_everything,
+                    sequence_logprobs, sft_run, start_processes, sync_if, training_forward, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -193,29 +194,35 @@ def encode_pairs(tokenizer, pairs, max_len=None):
     return encoded, dropped
 
 
-def pair_logprobs(model, pairs, pad_id, autocast, temperature=1.0):
-    """Policy log-probs (chosen, rejected) of a list of encoded pairs, in one forward pass."""
+def pair_logprobs(model, pairs, pad_id, autocast, forward=None):
+    """Log-probs (chosen, rejected) of a list of encoded pairs, in one forward pass: sequence_logprobs on model, or
+    forward(**batch), the training forward (inside DDP under torchrun)."""
     batch = {k: v.to(model.device) for k, v in collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).items()}
     with autocast:
-        logps = sequence_logprobs(model, **batch, temperature=temperature)
+        logps = forward(**batch) if forward is not None else sequence_logprobs(model, **batch)
     return logps[:len(pairs)], logps[len(pairs):]
 
 
 @torch.no_grad()
 def reference_logprobs(model, pairs, pad_id, batch_size, autocast):
-    """π_ref log-probs of every pair, (n, 2): computed once, before training."""
-    out = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="π_ref log-probs", leave=False, disable=len(pairs) < 500):
-        chosen, rejected = pair_logprobs(model, pairs[start:start + batch_size], pad_id, autocast)
-        out.append(torch.stack([chosen, rejected], 1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    """π_ref log-probs of every pair, (n, 2): computed once, before training. Under torchrun each process computes
+    every world-th pair and the rows are summed across processes (a process's other rows are 0)."""
+    rank, world = rank_and_world()
+    out, mine = torch.zeros(len(pairs), 2), list(range(rank, len(pairs), world))
+    for start in tqdm(range(0, len(mine), batch_size), desc="π_ref log-probs", leave=False, disable=len(mine) < 500):
+        rows = mine[start:start + batch_size]
+        chosen, rejected = pair_logprobs(model, [pairs[i] for i in rows], pad_id, autocast)
+        out[rows] = torch.stack([chosen, rejected], 1).float().cpu()
+    return all_sum(out)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 def main(args):
-    # 1. setup
+    # 1. setup (under torchrun, this process is one of `world`: see distributed.py)
     check_args(args)
+    rank, world = start_processes()
+    my_share(range(args.grad_accum), args.grad_accum, "--grad-accum")   # a step's micro-batches divide among them
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
@@ -226,6 +233,7 @@ def main(args):
     model = load_model(str(policy_source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = training_forward(sequence_logprobs, model)   # DDP over the log-probs' forward with several processes
 
     # 2. data (Countdown pairs are sampled from the SFT model, once)
     if args.data == "countdown":
@@ -233,8 +241,10 @@ def main(args):
         pairs = cached_pairs(cache, args)
         if pairs is None and args.resume:
             raise InputError(f"{cache}: this run's Countdown pairs are missing or were made otherwise; cannot resume")
-        if pairs is None:
+        if pairs is None and rank == 0:
             pairs = build_countdown_pairs(model, tokenizer, args, cache)
+        barrier()                          # the other processes read what rank 0 sampled
+        pairs = pairs if pairs is not None else cached_pairs(cache, args)
     else:
         pairs = preference_pairs(args.data)
     if args.eval_data:
@@ -257,8 +267,8 @@ def main(args):
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
     length = f"{dropped} dropped over --max-len {budget}" if budget else f"capped at --pair-max-tokens {args.pair_max_tokens}"
     print(f"{len(train)} training pairs ({length}), {len(held)} held out | "
-          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | β {args.beta} | "
-          f"{precision}")
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step"
+          f"{f' over {world} processes' if world > 1 else ''} | {total} steps | β {args.beta} | {precision}")
 
     # 3. π_ref log-probs, once; then only the policy is kept
     ref_source = args.ref_model or (args.model if args.resume else "")
@@ -277,7 +287,7 @@ def main(args):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"])
         start_step = state["step"]
     lengths = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in train]
     stream = (b for epoch in range(10 ** 9) for b in length_grouped_batches(lengths, args.batch_size, args.seed * 1_000_003 + epoch))
@@ -286,8 +296,7 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
     @torch.no_grad()
     def evaluate(step):
@@ -303,21 +312,26 @@ def main(args):
                                            "eval_acc": stats[1].item() / stats[3].item(),
                                            "eval_margin": stats[2].item() / stats[3].item()})
 
-    # 4. loop: per step, grad_accum micro-batches; the loss is the mean over the step's pairs
-    if held and args.eval_every and start_step == 0:
+    # 4. loop: per step, grad_accum micro-batches (each process takes its share); the loss is the mean over the
+    # step's pairs, all processes'
+    if rank == 0 and held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
         groups = [next(stream) for _ in range(args.grad_accum)]
         n_pairs = sum(map(len, groups))
+        mine = my_share(groups, args.grad_accum, "--grad-accum")
         sums = torch.zeros(5)  # loss, correct, margin, chosen log-prob, rejected log-prob
-        for index in groups:
-            chosen, rejected = pair_logprobs(model, [train[i] for i in index], tokenizer.pad_token_id, autocast)
-            ref_c, ref_r = ref_train[index].to(device).unbind(1)
-            loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
-            scaler.scale(loss * len(index) / n_pairs).backward()
+        for i, index in enumerate(mine):
+            with sync_if(i == len(mine) - 1, policy):   # gradients all-reduced once, on the last micro-batch
+                chosen, rejected = pair_logprobs(model, [train[j] for j in index], tokenizer.pad_token_id, autocast,
+                                                 forward=policy)
+                ref_c, ref_r = ref_train[index].to(device).unbind(1)
+                loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta)
+                scaler.scale(loss * len(index) / (n_pairs / world)).backward()   # DDP averages over the world
             sums += torch.tensor([loss.item() * len(index), (rc > rr).sum().item(), (rc - rr).sum().item(),
                                   chosen.sum().item(), rejected.sum().item()])
+        sums = all_sum(sums)
         if not math.isfinite(sums[0].item()):
             raise SystemExit(f"dpo.py: loss is {sums[0].item()} at step {step}; stopped before the update")
         scaler.unscale_(optimizer)
@@ -332,7 +346,7 @@ def main(args):
             log_metrics(out_dir, step, total, {"loss": loss, "acc": acc, "margin": margin, "logp_chosen": logp_c,
                                                "logp_rejected": logp_r, "lr": lr, "time": time.time() - tick})
             tick = time.time()
-        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
+        if rank == 0 and held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)
@@ -340,6 +354,7 @@ def main(args):
     # 5. final save
     path = save(total)
     print(f"saved {path}")
+    end_processes()
     return model, tokenizer
 
 

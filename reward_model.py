@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, hold_out,
-                    length_grouped_batches, load_model, load_tokenizer, log_metrics, mixed_precision,
-                    preference_pairs, resolve_checkpoint, resume_point, rng_state, run, run_dir, save_checkpoint,
-                    seed_everything, set_rng_state, warmup_cosine)
+from common import (InputError, adamw, all_sum, check_args, collate, device_and_dtype, encode, end_processes,
+                    hold_out, length_grouped_batches, load_model, load_tokenizer, log_metrics, mixed_precision,
+                    my_share, preference_pairs, resolve_checkpoint, restore_rng_states, resume_point, run, run_dir,
+                    save_checkpoint, seed_everything, start_processes, sync_if, training_forward, warmup_cosine)
 
 
 @dataclass
@@ -155,8 +155,10 @@ def pairwise_accuracy(model, pairs, pad_id, batch_size, autocast):
 # ----------------------------------------------------------------------------------------------- main
 
 def main(args):
-    # 1. setup
+    # 1. setup (under torchrun, this process is one of `world`: see distributed.py)
     check_args(args)
+    rank, world = start_processes()
+    my_share(range(args.grad_accum), args.grad_accum, "--grad-accum")   # a step's micro-batches divide among them
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
@@ -172,7 +174,8 @@ def main(args):
     per_step = args.batch_size * args.grad_accum
     total = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
     print(f"{len(train)} training pairs ({dropped} dropped over {args.max_len} tokens), {len(held)} held out | "
-          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step | {total} steps | {precision}")
+          f"{args.batch_size} × {args.grad_accum} = {per_step} pairs per step"
+          f"{f' over {world} processes' if world > 1 else ''} | {total} steps | {precision}")
 
     # 3. model, optimizer, schedule
     source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
@@ -180,6 +183,7 @@ def main(args):
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed, reward=True).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = training_forward(rewards, model)   # DDP over the reward head's forward with several processes
     optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, max(1, int(args.warmup * total))))
     if args.resume:
@@ -187,7 +191,7 @@ def main(args):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"])
     lengths = [max(len(c["input_ids"]), len(r["input_ids"])) for c, r in train]
     stream = (b for epoch in range(10 ** 9) for b in length_grouped_batches(lengths, args.batch_size, args.seed * 1_000_003 + epoch))
     for _ in range(start_step * args.grad_accum):
@@ -195,8 +199,7 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
     def evaluate(step):
         model.eval()
@@ -204,24 +207,28 @@ def main(args):
         model.train()
         log_metrics(out_dir, step, total, {"eval_loss": loss, "eval_acc": acc})
 
-    # 4. loop: chosen and rejected of a micro-batch go through the model together
-    if held and args.eval_every and start_step == 0:
+    # 4. loop: chosen and rejected of a micro-batch go through the model together; each process takes its share of
+    # the step's micro-batches, the loss is the mean over the step's pairs, all processes'
+    if rank == 0 and held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
         groups = [[train[i] for i in next(stream)] for _ in range(args.grad_accum)]
         n_pairs = sum(map(len, groups))
+        mine = my_share(groups, args.grad_accum, "--grad-accum")
         step_loss, correct, margin = 0.0, 0, 0.0
-        for pairs in groups:
+        for i, pairs in enumerate(mine):
             batch = {k: v.to(device) for k, v in collate([c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id).items()}
-            with autocast:
-                r = rewards(model, **batch)
-            rc, rr = r[:len(pairs)], r[len(pairs):]
-            loss = bt_loss(rc, rr) * len(pairs) / n_pairs  # the mean over the step's pairs
-            scaler.scale(loss).backward()
+            with sync_if(i == len(mine) - 1, scorer):   # gradients all-reduced once, on the last micro-batch
+                with autocast:
+                    r = scorer(**batch)
+                rc, rr = r[:len(pairs)], r[len(pairs):]
+                loss = bt_loss(rc, rr) * len(pairs) / (n_pairs / world)  # the step's mean; DDP averages over the world
+                scaler.scale(loss).backward()
             step_loss += loss.item()
             correct += (rc > rr).sum().item()
             margin += (rc - rr).sum().item()
+        step_loss, correct, margin = all_sum(torch.tensor([step_loss / world, correct, margin], dtype=torch.float64)).tolist()
         if not math.isfinite(step_loss):
             raise SystemExit(f"reward_model.py: loss is {step_loss} at step {step}; stopped before the update")
         scaler.unscale_(optimizer)
@@ -235,7 +242,7 @@ def main(args):
             log_metrics(out_dir, step, total, {"loss": step_loss, "acc": correct / n_pairs, "margin": margin / n_pairs,
                                                "lr": lr, "time": time.time() - tick})
             tick = time.time()
-        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
+        if rank == 0 and held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)
@@ -243,6 +250,7 @@ def main(args):
     # 5. final save
     path = save(total)
     print(f"saved {path}")
+    end_processes()
     return model, tokenizer
 
 

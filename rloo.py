@@ -24,14 +24,16 @@ stopping (--overlong-penalty, 0 by default; TRL's missing_eos_penalty).
 """
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, replace
 
 import torch
 
-from common import (InputError, adamw, check_args, collate, device_and_dtype, encode, hub_dataset, load_model,
-                    load_puzzles, load_tokenizer, log_metrics, make_sampler, mixed_precision, read_jsonl,
-                    resume_point, rng_state, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs,
-                    set_rng_state, sft_run, warmup_cosine)
+from common import (InputError, adamw, all_sum, check_args, collate, device_and_dtype, encode, end_processes,
+                    hub_dataset, load_model, load_puzzles, load_tokenizer, log_metrics, make_sampler, mixed_precision,
+                    my_share, read_jsonl, restore_rng_states, resume_point, run, run_dir, save_checkpoint,
+                    seed_everything, sequence_logprobs, sft_run, start_processes, sync_if, training_forward,
+                    warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 
 
@@ -149,6 +151,8 @@ def main(args):
     if args.top_p != 1:   # sampled from the truncated distribution, scored under the full one: not Eq. 8's gradient
         raise InputError(f"--top-p {args.top_p}: RLOO trains on log-probs of the full distribution; sample with --top-p 1 "
                          f"(evaluate.py may truncate)")
+    rank, world = start_processes()   # under torchrun, this process is one of `world`: see distributed.py
+    my_share(range(args.prompts_per_step), args.prompts_per_step, "--prompts-per-step")   # a step's prompts divide
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
@@ -159,8 +163,8 @@ def main(args):
     per_step = args.prompts_per_step * args.k
     print(f"{len(train_prompts)} training prompts, {len(held_prompts)} held out | {args.prompts_per_step} prompts × "
           f"K {args.k} = {per_step} samples per step, {args.micro_prompts * args.k} per forward pass | "
-          f"{args.steps} steps = {args.steps * args.prompts_per_step / len(train_prompts):.2f} epochs | "
-          f"T {args.temperature} | β {args.kl_coef} | {precision}")
+          f"{args.steps} steps = {args.steps * args.prompts_per_step / len(train_prompts):.2f} epochs"
+          f"{f' | {world} processes' if world > 1 else ''} | T {args.temperature} | β {args.kl_coef} | {precision}")
 
     # 2. models: the policy on the accelerator; π_ref and a reward model stay on the CPU until used
     source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
@@ -168,6 +172,7 @@ def main(args):
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = training_forward(sequence_logprobs, model)   # DDP over the log-probs' forward with several processes
     # π_ref in float32 like π_θ, so both run the same autocast arithmetic and the KL is exactly 0 at step 0
     ref = load_model(args.model, tokenizer, dtype=torch.float32, device="cpu", seed=args.seed) if args.kl_coef else None
     rm = None
@@ -181,13 +186,12 @@ def main(args):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"])
     sample, vllm = make_sampler(tokenizer, str(source), model, args.vllm, args.vllm_memory, seed=args.seed)
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
     def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
         return _Visit(m, device)
@@ -203,13 +207,15 @@ def main(args):
             metrics |= {"eval_acc": (rewards == 1).float().mean().item(), "eval_format": (rewards > 0).float().mean().item()}
         log_metrics(out_dir, step, args.steps, metrics)
 
-    # 3. loop: sample → reward → (π_ref log-probs) → per micro-batch: KL, advantages, loss → update
-    if held_prompts and start_step == 0 and args.eval_every:
+    # 3. loop: sample → reward → (π_ref log-probs) → per micro-batch: KL, advantages, loss → update. Each process
+    # takes its share of the step's prompts, every prompt with its K samples: a baseline never crosses processes
+    if rank == 0 and held_prompts and start_step == 0 and args.eval_every:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, args.steps + 1):
         first = (step - 1) * args.prompts_per_step
         prompts = [train_prompts[(first + i) % len(train_prompts)] for i in range(args.prompts_per_step)]
+        prompts = my_share(prompts, args.prompts_per_step, "--prompts-per-step")
         model.eval()
         completions, stopped = sample([p["ids"] for p in prompts for _ in range(args.k)],
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -223,28 +229,32 @@ def main(args):
         ref_logps = torch.zeros(len(examples))
         if ref is not None:
             with on_device(ref), torch.no_grad():
-                ref_logps = torch.cat([_logps(ref, examples[i:i + args.micro_prompts * args.k], tokenizer, args, autocast)
+                ref_logps = torch.cat([_logps(partial(sequence_logprobs, ref), examples[i:i + args.micro_prompts * args.k],
+                                              tokenizer, args, autocast, device)
                                        for i in range(0, len(examples), args.micro_prompts * args.k)]).cpu()
 
         # with β = 0, prompts whose K rewards are all equal have zero advantages: no pass for them (β > 0 keeps
-        # all); the loss still divides by all P·K sequences, so the gradient is the one of the full step
+        # all); the loss still divides by all P·K sequences, so the gradient is the one of the full step. With none
+        # live, one pass weighted 0: the gradient is zero, not missing (AdamW's moments and decay step as on the full
+        # batch), and under torchrun this process still takes part in the all-reduce
         live = informative_prompts(rewards.view(-1, args.k)) | (ref is not None)
         rows = torch.arange(len(examples)).view(-1, args.k)[live].flatten()
+        size = args.micro_prompts * args.k
+        parts = [rows[i:i + size] for i in range(0, len(rows), size)] or [None]
         model.train()
         step_loss, kls = 0.0, []
-        for i in range(0, len(rows), args.micro_prompts * args.k):
-            part = rows[i:i + args.micro_prompts * args.k]
-            logps = _logps(model, [examples[j] for j in part], tokenizer, args, autocast)
-            shaped = kl_penalised_rewards(rewards[part].to(device), logps, ref_logps[part].to(device), args.kl_coef)
-            advantages = rloo_advantages(shaped.view(-1, args.k))
-            loss = rloo_loss(advantages, logps.view(-1, args.k), len(examples))
-            scaler.scale(loss).backward()
+        for i, part in enumerate(parts):
+            weight, part = (1.0, part) if part is not None else (0.0, torch.arange(args.k))
+            with sync_if(i == len(parts) - 1, policy):   # gradients all-reduced once, on the last micro-batch
+                logps = _logps(policy, [examples[j] for j in part], tokenizer, args, autocast, device)
+                shaped = kl_penalised_rewards(rewards[part].to(device), logps, ref_logps[part].to(device), args.kl_coef)
+                advantages = rloo_advantages(shaped.view(-1, args.k))
+                # the step's P·K sequences over the world size: DDP averages the processes' gradients
+                loss = weight * rloo_loss(advantages, logps.view(-1, args.k), args.prompts_per_step * args.k / world)
+                scaler.scale(loss).backward()
             step_loss += loss.item()
             if ref is not None:
                 kls.append(logps.detach().cpu() - ref_logps[part])
-        if not live.any():  # a zero gradient rather than none, so AdamW's moments and decay step as on the full batch
-            for param in model.parameters():
-                param.grad = torch.zeros_like(param)
         if not math.isfinite(step_loss):
             raise SystemExit(f"rloo.py: loss is {step_loss} at step {step}; stopped before the update")
         scaler.unscale_(optimizer)
@@ -256,19 +266,23 @@ def main(args):
         if vllm:
             vllm.load_weights(model)
 
-        if step % args.log_every == 0 or step == args.steps:
-            metrics = {"loss": step_loss, "reward": task_rewards.mean().item()}
+        if step % args.log_every == 0 or step == args.steps:   # every process's samples, summed
+            kl = torch.cat(kls) if kls else torch.zeros(0)
+            (loss_sum, reward, right, formatted, kl_sum, kl_n, live_n, prompts_n, length, stops, n) = all_sum(torch.tensor(
+                [step_loss, task_rewards.sum(), (task_rewards == 1).sum(), (task_rewards > 0).sum(), kl.sum(), len(kl),
+                 live.sum(), len(live), sum(map(len, completions)), sum(stopped), len(completions)], dtype=torch.float64)
+            ).tolist()
+            metrics = {"loss": loss_sum / world, "reward": reward / n}
             if args.task == "countdown":
-                metrics |= {"acc": (task_rewards == 1).float().mean().item(), "format": (task_rewards > 0).float().mean().item()}
+                metrics |= {"acc": right / n, "format": formatted / n}
             if ref is not None:  # with β = 0 there is no π_ref, and no KL is measured
-                metrics["kl"] = torch.cat(kls).mean().item()
-            metrics |= {"live": live.float().mean().item(), "len": sum(map(len, completions)) / len(completions),
-                        "stopped": sum(stopped) / len(stopped), "time": time.time() - tick}
+                metrics["kl"] = kl_sum / kl_n
+            metrics |= {"live": live_n / prompts_n, "len": length / n, "stopped": stops / n, "time": time.time() - tick}
             log_metrics(out_dir, step, args.steps, metrics)
             tick = time.time()
         if args.sample_every and step % args.sample_every == 0:
             print(f"  sample (reward {task_rewards[0]:.2f}): {texts[0]!r}")
-        if held_prompts and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if rank == 0 and held_prompts and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluate(step)
         if step % args.save_every == 0 and step != args.steps:
             save(step)
@@ -276,14 +290,16 @@ def main(args):
     # 4. final save
     path = save(args.steps)
     print(f"saved {path}")
+    end_processes()
     return model, tokenizer
 
 
-def _logps(model, examples, tokenizer, args, autocast):
-    """log π(completion | prompt) of sampled sequences, summed over completion tokens, at the sampling temperature."""
-    batch = {k: v.to(model.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+def _logps(forward, examples, tokenizer, args, autocast, device):
+    """log π(completion | prompt) of sampled sequences, summed over completion tokens, at the sampling temperature;
+    forward(**batch): sequence_logprobs on a model, or the training forward (inside DDP under torchrun)."""
+    batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     with autocast:
-        return sequence_logprobs(model, **batch, temperature=args.temperature)
+        return forward(**batch, temperature=args.temperature)
 
 
 class _Visit:

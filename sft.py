@@ -23,10 +23,11 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, SFT_RUNS, adamw, check_args, collate, device_and_dtype, encode, generate, hold_out,
-                    hub_dataset, length_grouped_batches, load_model, load_tokenizer, log_metrics, mixed_precision,
-                    read_jsonl, resume_point, rng_state, run, run_dir, save_checkpoint, seed_everything,
-                    sequence_logprobs, set_rng_state, warmup_cosine)
+from common import (InputError, SFT_RUNS, adamw, all_sum, check_args, collate, device_and_dtype, encode,
+                    end_processes, generate, hold_out, hub_dataset, length_grouped_batches, load_model,
+                    load_tokenizer, log_metrics, mixed_precision, my_share, read_jsonl, restore_rng_states,
+                    resume_point, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs, start_processes,
+                    sync_if, training_forward, warmup_cosine)
 
 
 @dataclass
@@ -63,9 +64,15 @@ def sft_loss(completion_logps, n_tokens):
 
     completion_logps: (batch,) per-sequence sums of completion-token log-probs. n_tokens: completion
     tokens in the whole optimizer step (all micro-batches), so summing the micro-batch losses gives
-    the per-token mean over the step.
+    the per-token mean over the step. Under torchrun each process passes n_tokens / world: DDP averages
+    the processes' gradients, so the step's gradient is still that of the per-token mean.
     """
     return -completion_logps.sum() / n_tokens
+
+
+def step_tokens(batches):
+    """Eq. 6's normaliser: the completion tokens of a step's micro-batches, all of them (every process's share)."""
+    return sum(b["completion_mask"][:, 1:].sum().item() for b in batches)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -174,8 +181,10 @@ def held_out_loss(model, examples, pad_id, batch_size, autocast):
 # ----------------------------------------------------------------------------------------------- main
 
 def main(args):
-    # 1. setup
+    # 1. setup (under torchrun, this process is one of `world`: see distributed.py)
     check_args(args)
+    rank, world = start_processes()
+    my_share(range(args.grad_accum), args.grad_accum, "--grad-accum")   # a step's micro-batches divide among them
     seed_everything(args.seed)
     device, amp_dtype = device_and_dtype()
     autocast, scaler, precision = mixed_precision(device, amp_dtype)
@@ -195,8 +204,9 @@ def main(args):
     total = args.steps or max(1, math.ceil(epochs * len(train) / per_step))
     warmup_steps = max(1, int(args.warmup * total))
     print(f"{len(train)} training rows (skipped {skipped['empty']} empty, {skipped['too_long']} over {args.max_len} "
-          f"tokens), {len(held)} held out | {args.batch_size} × {args.grad_accum} = {per_step} sequences per step | "
-          f"planned: {total} steps ≈ {total * per_step / len(train):.2f} epochs | {precision}")
+          f"tokens), {len(held)} held out | {args.batch_size} × {args.grad_accum} = {per_step} sequences per step"
+          f"{f' over {world} processes' if world > 1 else ''} | planned: {total} steps ≈ "
+          f"{total * per_step / len(train):.2f} epochs | {precision}")
 
     # 3. model, optimizer, schedule (resuming restores all three, the RNG and the data position)
     source, state = resume_point(out_dir, args) if args.resume else (args.model, None)
@@ -204,6 +214,7 @@ def main(args):
     model = load_model(str(source), tokenizer, dtype=torch.float32, device=device, seed=args.seed).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = training_forward(sequence_logprobs, model)   # DDP over the log-probs' forward with several processes
     optimizer = adamw(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup_steps))
     if args.resume:
@@ -211,7 +222,7 @@ def main(args):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"])
         print(f"resumed from {source} at step {start_step}")
     stream = micro_batches(train, args.batch_size, args.seed)
     for _ in range(start_step * args.grad_accum):
@@ -219,8 +230,7 @@ def main(args):
 
     def save(step):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
     def evaluate(step):
         model.eval()
@@ -232,20 +242,24 @@ def main(args):
         log_metrics(out_dir, step, total, {"eval_loss": eval_loss})
         print(f"  greedy sample: {tokenizer.decode(sample)!r}")
 
-    # 4. loop: a step is grad_accum micro-batches, the loss normalised by the step's completion tokens
-    if held and args.eval_every and start_step == 0:
+    # 4. loop: a step is grad_accum micro-batches (each process takes its share), the loss normalised by the step's
+    # completion tokens over all processes
+    if rank == 0 and held and args.eval_every and start_step == 0:
         evaluate(0)
     tick = time.time()
     for step in range(start_step + 1, total + 1):
         batches = [collate(next(stream), tokenizer.pad_token_id) for _ in range(args.grad_accum)]
-        n_tokens = sum(b["completion_mask"][:, 1:].sum().item() for b in batches)
+        n_tokens = step_tokens(batches)
+        mine = my_share(batches, args.grad_accum, "--grad-accum")
         step_loss = 0.0
-        for batch in batches:
+        for i, batch in enumerate(mine):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = sft_loss(sequence_logprobs(model, **batch), n_tokens)
-            scaler.scale(loss).backward()
+            with sync_if(i == len(mine) - 1, policy):   # gradients all-reduced once, on the last micro-batch
+                with autocast:                         # DDP averages them: each process divides by its 1/world share
+                    loss = sft_loss(policy(**batch), n_tokens / world)
+                scaler.scale(loss).backward()
             step_loss += loss.item()
+        step_loss = all_sum(step_loss) / world
         if not math.isfinite(step_loss):
             saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
@@ -262,7 +276,7 @@ def main(args):
             log_metrics(out_dir, step, total, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                                                "time": time.time() - tick})
             tick = time.time()
-        if held and args.eval_every and (step % args.eval_every == 0 or step == total):
+        if rank == 0 and held and args.eval_every and (step % args.eval_every == 0 or step == total):
             evaluate(step)
         if step % args.save_every == 0 and step != total:
             save(step)
@@ -270,6 +284,7 @@ def main(args):
     # 5. final save
     path = save(total)
     print(f"saved {path}")
+    end_processes()
     return model, tokenizer
 
 

@@ -15,13 +15,20 @@ class VLLMSampler:
     holds the facts of vLLM's source this relies on.
     """
 
-    def __init__(self, source, stops, known, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16):
+    def __init__(self, source, stops, known, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16,
+                 under_torchrun=False):
         """stops: the stop token ids; known: how many ids the tokenizer owns (len(tokenizer)). Starting the engine
-        reseeds Python's, numpy's and torch's global RNGs and sets torch to one thread (the caller puts them back)."""
+        reseeds Python's, numpy's and torch's global RNGs and sets torch to one thread (the caller puts them back).
+
+        under_torchrun: one engine per process, on the process's own GPU (LOCAL_RANK), sampling its own prompts.
+        vLLM's default executor would put every process's engine on cuda:0; its "external_launcher" executor takes
+        the device from LOCAL_RANK and, with tensor parallel size 1, makes each process its own replica (every
+        process builds its engine at the same time: the start is a collective)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # set, not defaulted: with 1 the weights cannot be pushed
         from vllm import LLM
+        launcher = {"distributed_executor_backend": "external_launcher"} if under_torchrun else {}
         self.llm = LLM(model=source, tokenizer=source, dtype=str(dtype).removeprefix("torch."), seed=seed,
-                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization)
+                       enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization, **launcher)
         self.stops, self.dtype = stops, dtype
         # the rows no token owns (Qwen: 271) get vLLM's lowest bias, −100; allowed_token_ids would need all
         # 151 665 ids, and vLLM takes at most 1 024 there (and in logit_bias)

@@ -13,7 +13,11 @@ sampler and rloo.py's loop are driven through it on the tiny model:
   worker, whose model_runner holds the model;
 - utils/torch_utils.py (set_random_seed, called by v1/worker/gpu_worker.py): starting the engine reseeds
   Python's, numpy's and torch's global RNGs with its seed, and serving sets torch to one thread;
-- weights pushed in another dtype than the engine's are cast on copy, with a warning each time.
+- weights pushed in another dtype than the engine's are cast on copy, with a warning each time;
+- v1/executor/uniproc_executor.py: under torchrun the default executor puts its worker on the device its
+  config names (cuda, so cuda:0, in every process); ExecutorWithExternalLauncher takes LOCAL_RANK, and
+  distributed/parallel_state.py lays the launcher's processes out as external data parallel
+  (reshape(-1, dp, pp, pcp, tp)), each engine generating alone at tensor parallel size 1.
 """
 import importlib.machinery
 import os
@@ -64,7 +68,9 @@ class LLM:
     started = []   # every engine started in a test
 
     def __init__(self, model, tokenizer=None, dtype="auto", seed=0, enable_prefix_caching=False,
-                 gpu_memory_utilization=0.9):
+                 gpu_memory_utilization=0.9, distributed_executor_backend=None):
+        external = distributed_executor_backend == "external_launcher"
+        self.device, self.seed = f"cuda:{os.environ['LOCAL_RANK'] if external else 0}", seed
         random.seed(seed)   # set_random_seed
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -166,3 +172,13 @@ def test_rloo_pushes_each_step_s_weights_in_the_engine_dtype(vllm, tiny_dir, tmp
     assert engine.runner.loads == 2 and engine.resets == 2 and engine.warnings == []   # bf16 pushed: no casts
     for name, p in engine.runner.hf.state_dict().items():
         torch.testing.assert_close(p, policy.state_dict()[name].to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_under_torchrun_each_process_has_its_own_engine_gpu_and_seed(vllm, tiny_dir, tokenizer, monkeypatch):
+    monkeypatch.setattr(common, "rank_and_world", lambda: (1, 2))   # the second of two processes
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    common.make_sampler(tokenizer, tiny_dir, seed=3)
+    monkeypatch.setattr(common, "rank_and_world", lambda: (0, 1))   # one process: vLLM's default executor
+    common.make_sampler(tokenizer, tiny_dir, seed=3)
+    (second, alone) = LLM.started
+    assert (second.device, second.seed) == ("cuda:1", 4) and (alone.device, alone.seed) == ("cuda:0", 3)
