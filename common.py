@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
+from tools import TOOL_RESPONSE
 from distributed import (all_rng_states, all_sum, barrier, end_processes, my_share, rank_and_world,  # noqa: F401
                          restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
                          sync_if, training_forward)  # noqa: F401
@@ -149,30 +150,52 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     A completion is data: a control token written inside it as text (`<|im_end|>` in a chat log) is encoded
     as plain text, so the appended end token is the only stop the model learns. The prompt is tokenised as
     any harness tokenises a chat-template string (control tokens parsed), so training sees what inference sees.
+
+    A tool response in the completion (<tool_response>…</tool_response>, tools.py) was written by the harness:
+    the text is cut around it, each piece tokenised alone (as the tool loop appends it), and "spans" lists the
+    [start, end) token ranges of everything else, the model's; collate's completion_mask covers those only.
     """
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
-    completion_ids = tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    end_token = tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id   # end of turn, or of text
-    completion_ids += [end_token] if end else []
-    return {"input_ids": prompt_ids + completion_ids, "prompt_len": len(prompt_ids)}
+    pieces = [piece for piece in TOOL_RESPONSE.split(completion) if piece]
+    ids, spans = list(prompt_ids), []
+    for piece in pieces:
+        piece_ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if not TOOL_RESPONSE.fullmatch(piece):
+            spans.append((len(ids), len(ids) + len(piece_ids)))
+        ids += piece_ids
+    if end:   # the end of turn (or of text) is the model's
+        ids.append(tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id)
+        spans.append((len(ids) - 1, len(ids)))
+    example = {"input_ids": ids, "prompt_len": len(prompt_ids)}
+    return example if len(pieces) <= 1 else {**example, "spans": _merged(spans)}
+
+
+def _merged(spans):
+    """Adjacent spans as one: [(3, 5), (5, 6)] → [(3, 6)]."""
+    out = []
+    for start, end in spans:
+        out[-1:] = [(out[-1][0], end)] if out and out[-1][1] == start else out[-1:] + [(start, end)]
+    return out
 
 
 def collate(examples, pad_id):
     """Right-pad a list of `encode` outputs. Masks come from lengths, never from token ids.
 
-    attention_mask: 1 on the real tokens; completion_mask: 1 on the completion tokens (end token included).
+    attention_mask: 1 on the real tokens; completion_mask: 1 on the completion tokens (end token included), or,
+    where an example has "spans" (a tool-use completion), on those [start, end) ranges only: the model's tokens.
     """
     lengths = torch.tensor([len(e["input_ids"]) for e in examples])
-    prompt_lens = torch.tensor([e["prompt_len"] for e in examples])
     positions = torch.arange(int(lengths.max()))[None, :]
     input_ids = torch.full((len(examples), positions.shape[1]), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for i, e in enumerate(examples):
         input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        for start, end in e.get("spans") or [(e["prompt_len"], len(e["input_ids"]))]:
+            completion_mask[i] |= (positions[0] >= start) & (positions[0] < end)
     attention_mask = positions < lengths[:, None]
-    completion_mask = attention_mask & (positions >= prompt_lens[:, None])
     return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "completion_mask": completion_mask}
 
 
@@ -256,11 +279,12 @@ def _token_logprobs(rows, weight, bias, targets, temperature):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
-             batch_size=64):
+             batch_size=64, stop_strings=()):
     """Sample (temperature > 0) or decode greedily (temperature 0) a completion for each prompt.
 
     Returns a list of completion token lists, each cut after its first stop token (which is kept: it
     is part of what was sampled), and a list of booleans, True where a stop token was produced.
+    stop_strings (tools.py's `</tool_call>`) stop a completion too: after the token that completes one.
     Ids the tokenizer does not know (Qwen's embedding has ~270 spare rows) are never sampled.
     Runs under the trainers' autocast (bf16 or fp16 on CUDA), so fp32 training weights sample at bf16 speed.
     """
@@ -276,7 +300,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                               top_p=top_p if sample else 1.0, top_k=0 if sample else 50,
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
-                              pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None)
+                              pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None,
+                              stop_strings=list(stop_strings) or None)
     completions, stopped = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False,
                       disable=len(prompt_ids) <= 4 * batch_size):
@@ -285,12 +310,30 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         with autocast:
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 tokenizer=tokenizer if stop_strings else None)
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
+            if stop_strings:
+                end = _string_end(tokenizer, row[:None if end is None else end + 1], stop_strings, end)
             completions.append(row if end is None else row[:end + 1])
             stopped.append(end is not None)
     return completions, stopped
+
+
+def _string_end(tokenizer, row, stop_strings, end):
+    """The index of the token that completes the first stop string in row (a binary search over decoded
+    prefixes: a prefix holds a stop string from that token on), else `end`."""
+    def holds(n):
+        text = tokenizer.decode(row[:n], skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+    if not holds(len(row)):
+        return end
+    low, high = 1, len(row)   # holds(high); find the least n with holds(n)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if holds(mid) else (mid + 1, high)
+    return low - 1
 
 
 def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):

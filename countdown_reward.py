@@ -31,6 +31,7 @@ only a malformed `ground_truth` raises, with a message that names it.
 """
 import ast
 import re
+from fractions import Fraction
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")   # the reference's pattern: last_answer gives its last match
 ALLOWED_RE = re.compile(r"^[\d+\-*/().\s]+$")
@@ -96,29 +97,30 @@ def uses_numbers_exactly(equation, numbers):
     return sorted(int(d) for d in found) == sorted(int(n) for n in numbers)
 
 
-def evaluate_expression(equation):
+def evaluate_expression(equation, exact=False):
     """The value of an arithmetic expression, computed without eval; None if it is not one we allow.
 
     Allowed: int and float literals, unary + and −, binary + − * / with Python's true division.
     Anything else (names, calls, **, //, tuples, syntax errors, division by zero) gives None.
+    exact=True computes over fractions (a Fraction comes back: 7 / 3 stays 7/3), as the calculate tool does.
     """
     if not ALLOWED_RE.match(equation):
         return None
     try:
-        return _value(ast.parse(equation.strip(), mode="eval").body)
+        return _value(ast.parse(equation.strip(), mode="eval").body, Fraction if exact else lambda v: v)
     except (SyntaxError, ValueError, ArithmeticError, MemoryError, RecursionError):
         return None
 
 
-def _value(node):
+def _value(node, number):
     sign = 1
     while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         sign = -sign if isinstance(node.op, ast.USub) else sign  # a loop: `-----5` nests thousands deep
         node = node.operand
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return sign * node.value
+        return sign * number(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        return sign * _BINARY_OPS[type(node.op)](_value(node.left), _value(node.right))
+        return sign * _BINARY_OPS[type(node.op)](_value(node.left, number), _value(node.right, number))
     raise ValueError(f"not allowed in a Countdown answer: {type(node).__name__}")
 
 

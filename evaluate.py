@@ -37,6 +37,7 @@ from calculator import SHAPES, solve
 from common import (InputError, check_args, encode, hub_dataset, load_puzzles, load_tokenizer, make_sampler, puzzle,
                     read_jsonl, run, run_dir, seed_everything)
 from countdown_reward import score_response, warmstart_query
+from tools import tool_loop, tool_names, tool_query, uses_tool_answer
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Args:
     best_of: str = ""                 # best-of-N with the rule verifier, e.g. "1,3,5,10"
     temperatures: str = ""            # best-of-N sweep temperatures, e.g. "0.3,0.7,1.0" (default: --temperature)
     tool: bool = False                # also report tool-augmented rows: the calculator's answer in the prompt
+    tools: str = ""                   # also report tool-loop rows (tools.py): calculate | calculate,solve
+    max_calls: int = 4                # tool loop: calls per answer (a call beyond ends the answer)
     batch_size: int = 64              # prompts per generate call (transformers)
     vllm: bool = True                 # sample with vLLM when installed and on CUDA
     prompts: str = "ultrafeedback"    # UltraFeedback prompts: ultrafeedback (test_prefs) | a .jsonl with "prompt"
@@ -158,8 +161,8 @@ def countdown(args, out_dir):
         if len({len(r) for r in responses}) != 1:
             raise InputError(f"{args.responses}: every puzzle needs the same number of responses")
         sample = tokenizer = None
-        if args.best_of or args.tool:
-            raise InputError("--best-of and --tool sample a model: they do not combine with --responses")
+        if args.best_of or args.tool or args.tools:
+            raise InputError("--best-of, --tool and --tools sample a model: they do not combine with --responses")
     else:
         puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=first_row(args))
         tokenizer = load_tokenizer(args.model)
@@ -186,6 +189,9 @@ def countdown(args, out_dir):
         rows.append({"label": "tool-augmented (calculator answer in prompt)",
                      **settings(args, args.temperature, args.samples), **countdown_metrics(tool_scores)})
 
+    if args.tools and sample:
+        rows.append(tool_loop_row(sample, tokenizer, puzzles, args))
+
     with open(out_dir / "per_prompt.jsonl", "w") as f:
         for p, rs, ss in zip(puzzles, responses, scores):
             f.write(json.dumps({"nums": p["nums"], "target": p["target"], "responses": rs, "scores": ss}) + "\n")
@@ -195,6 +201,32 @@ def countdown(args, out_dir):
     generated = args.puzzles.partition(":")[0] in SHAPES
     source = args.responses or (f"{args.puzzles} (seed {args.seed})" if generated else f"{args.puzzles} rows {first_row(args)}…")
     return rows, {"prompts": len(puzzles), "source": source}
+
+
+def tool_loop_row(sample, tokenizer, puzzles, args):
+    """The tool loop's row: the tools in the prompt, calls run between rounds (tools.tool_loop). Beside the score:
+    calls per answer, the share of answers that called a tool, invalid calls per answer, and the share of answers
+    written without checking (of all responses: an answer whose expression never came back from the calculator
+    as the target)."""
+    try:
+        names = tool_names(args.tools)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    prompts = [p for p in puzzles for _ in range(args.samples)]
+    runs = tool_loop(sample, tokenizer, [encode(tokenizer, tool_query(p["nums"], p["target"], names))["input_ids"]
+                                         for p in prompts],
+                     args.max_new_tokens, args.max_calls, names, temperature=args.temperature, top_p=args.top_p,
+                     repetition_penalty=args.repetition_penalty)
+    texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in runs]
+    scores = [score_response(t, p) for t, p in zip(texts, prompts)]
+    unchecked = [s > 0 and not uses_tool_answer(t, r["checked"], p["target"]) for s, t, r, p in zip(scores, texts, runs, prompts)]
+    per_prompt = lambda values: np.asarray(values, dtype=float).reshape(len(puzzles), args.samples)
+    return {"label": f"tool loop ({', '.join(names)}; ≤ {args.max_calls} calls)",
+            **settings(args, args.temperature, args.samples), **countdown_metrics(per_prompt(scores)),
+            "calls": mean_ci(per_prompt([r["calls"] for r in runs]).mean(1)),
+            "used tool": mean_ci(per_prompt([r["calls"] > 0 for r in runs]).mean(1)),
+            "invalid calls": mean_ci(per_prompt([r["invalid"] for r in runs]).mean(1)),
+            "unchecked answers": mean_ci(per_prompt(unchecked).mean(1))}
 
 
 # ------------------------------------------------------------------------------------ UltraFeedback
@@ -375,24 +407,28 @@ def collect(run_dirs, out_dir):
     names = sorted({p.parent.name for r in runs for p in (r / "eval").glob("*/results.json")}, key=_stage_order)
     if not names:
         raise InputError(f"no eval/*/results.json under {', '.join(map(str, runs))}")
-    keys = ("score", "acc", "format")
+    results = {name: [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs] for name in names}
+    tables = []   # (name, that row of every run): each evaluation's first row, and its tool-loop row if it has one
+    for name, per_run in results.items():
+        for i, row in enumerate(per_run[0]["rows"]):
+            if i == 0 or row["label"].startswith("tool loop"):
+                tables.append((name if i == 0 else f"{name} [{row['label']}]", [result["rows"][i] for result in per_run]))
+    keys = ["score", "acc", "format"] + [k for k in ("calls", "unchecked answers") if any(k in rows[0] for _, rows in tables)]
     lines = [f"| model | decoding | T | samples | max tokens | {' | '.join(keys)} |",
              "|---|---|---|---|---|" + "---|" * len(keys)]
     acc = {}  # eval name -> accuracy of each run, for the changes from SFT below
-    for name in names:
-        results = [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs]
-        rows = [result["rows"][0] for result in results]
+    for name, rows in tables:
         acc[name] = [row["acc"][0] for row in rows] if all("acc" in row for row in rows) else None
         cells = []
         for k in keys:
-            values = [row[k][0] for row in rows]
-            cells.append(f"{values[0]:.3f} ± {rows[0][k][1]:.3f}" if len(runs) == 1 else
+            values = [row[k][0] for row in rows if k in row]
+            cells.append("" if not values else f"{values[0]:.3f} ± {rows[0][k][1]:.3f}" if len(runs) == 1 else
                          f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
         r = rows[0]
         lines.append(f"| {name} | {r['decoding']} | {r['temperature']:g} | {r['samples']} | {r['max_new_tokens']} | "
                      f"{' | '.join(cells)} |")
     spread = "± 95% interval" if len(runs) == 1 else f"mean ± sd over {len(runs)} runs"
-    table = f"{spread}; {results[0]['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
+    table = f"{spread}; {results[names[0]][0]['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
     table += accuracy_changes(acc) if len(runs) > 1 else ""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table)

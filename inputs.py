@@ -75,6 +75,7 @@ _SHARE = (lambda v: 0 <= v < 1, "in [0, 1)")
 FLAG_RANGES = {
     "lr": _POSITIVE, "beta": _POSITIVE, "pair_temperature": _POSITIVE, "repetition_penalty": _POSITIVE,
     "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE, "epochs": _NON_NEGATIVE, "overlong_penalty": _NON_NEGATIVE,
+    "call_penalty": _NON_NEGATIVE, "invalid_call_penalty": _NON_NEGATIVE,
     "temperature": (lambda v: 0 <= v < math.inf, "≥ 0 (0: greedy)"),
     "grad_clip": (lambda v: v > 0, "> 0 (inf: no clipping)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "vllm_memory": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -84,7 +85,7 @@ FLAG_RANGES = {
     "prompts_per_step": _COUNT, "micro_prompts": _COUNT, "samples": _COUNT, "n": _COUNT,
     "k": (lambda v: v >= 2, "≥ 2 (the leave-one-out baseline)"), "pair_samples": (lambda v: v >= 2, "≥ 2 (a pair)"),
     "steps": (lambda v: v >= 0, "≥ 0"), "eval_rows": (lambda v: v >= 0, "≥ 0"), "eval_prompts": (lambda v: v >= 0, "≥ 0"),
-    "eval_every": _OFF_OR_MORE, "sample_every": _OFF_OR_MORE,
+    "eval_every": _OFF_OR_MORE, "sample_every": _OFF_OR_MORE, "max_calls": (lambda v: 0 <= v <= 64, "in [0, 64]"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2³²)"), "skip": (lambda v: v >= -1, "≥ 0, or -1 (the default)"),
 }
 

@@ -35,6 +35,7 @@ from common import (InputError, adamw, all_sum, check_args, collate, device_and_
                     seed_everything, sequence_logprobs, sft_run, start_processes, sync_if, training_forward,
                     warmup_cosine)
 from countdown_reward import score_response, warmstart_query
+from tools import tool_loop, tool_names, tool_query
 
 
 @dataclass
@@ -61,6 +62,10 @@ class Args:
     top_p: float = 1.0                   # nucleus sampling: must stay 1 (Eq. 8's log-probs are of the untruncated policy)
     max_new_tokens: int = 1024           # completion length limit
     overlong_penalty: float = 0.0        # subtracted from the reward of a completion cut at the limit (TRL: missing_eos_penalty)
+    tools: str = ""                      # Countdown with the tool loop (tools.py): calculate | calculate,solve; "": none
+    max_calls: int = 4                   # tool loop: calls per completion (a call beyond ends it)
+    call_penalty: float = 0.0            # tool loop: subtracted from the reward per call (0: calls are free)
+    invalid_call_penalty: float = 0.0    # tool loop: subtracted per call that got an error back
     log_every: int = 1                   # steps between log lines
     sample_every: int = 10               # steps between printed sample completions
     eval_every: int = 50                 # steps between greedy held-out evaluations; 0: none
@@ -110,7 +115,8 @@ def load_prompts(args, tokenizer):
     total = args.n_prompts + args.eval_prompts
     if args.task == "countdown":
         rows = load_puzzles(args.puzzles, total, seed=args.seed)
-        rows = [{**p, "text": warmstart_query(p["nums"], p["target"])} for p in rows]
+        query = (lambda n, t: tool_query(n, t, tool_names(args.tools))) if args.tools else warmstart_query
+        rows = [{**p, "text": query(p["nums"], p["target"])} for p in rows]
         chat = False
     else:
         if args.prompts == "ultrafeedback":
@@ -151,6 +157,13 @@ def main(args):
     if args.top_p != 1:   # sampled from the truncated distribution, scored under the full one: not Eq. 8's gradient
         raise InputError(f"--top-p {args.top_p}: RLOO trains on log-probs of the full distribution; sample with --top-p 1 "
                          f"(evaluate.py may truncate)")
+    if args.tools:   # checked before any work: the tool loop is Countdown's, with known tools
+        if args.task != "countdown":
+            raise InputError(f"--tools {args.tools}: the tool loop is for --task countdown")
+        try:
+            tool_names(args.tools)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     rank, world = start_processes()   # under torchrun, this process is one of `world`: see distributed.py
     my_share(range(args.prompts_per_step), args.prompts_per_step, "--prompts-per-step")   # a step's prompts divide
     seed_everything(args.seed)
@@ -196,12 +209,23 @@ def main(args):
     def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
         return _Visit(m, device)
 
+    def roll_out(prompt_ids, temperature):
+        """One dict per prompt: "ids" (the completion), "spans" (the model's tokens in it), "stopped", "calls",
+        "invalid": the tool loop with --tools, else plain sampling (all of the completion is the model's)."""
+        if args.tools:
+            return tool_loop(sample, tokenizer, prompt_ids, args.max_new_tokens, args.max_calls, tool_names(args.tools),
+                             temperature=temperature, top_p=args.top_p)
+        completions, stopped = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                      top_p=args.top_p)
+        return [{"ids": c, "spans": [(0, len(c))], "stopped": s, "calls": 0, "invalid": 0}
+                for c, s in zip(completions, stopped)]
+
     def evaluate(step):
         model.eval()
-        completions, stopped = sample([p["ids"] for p in held_prompts], max_new_tokens=args.max_new_tokens, temperature=0)
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        runs = roll_out([p["ids"] for p in held_prompts], temperature=0)
+        texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in runs]
         with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, held_prompts, texts, rm, stopped)
+            rewards = score_completions(args.task, held_prompts, texts, rm, [r["stopped"] for r in runs])
         metrics = {"eval_reward": rewards.mean().item()}
         if args.task == "countdown":
             metrics |= {"eval_acc": (rewards == 1).float().mean().item(), "eval_format": (rewards > 0).float().mean().item()}
@@ -217,15 +241,20 @@ def main(args):
         prompts = [train_prompts[(first + i) % len(train_prompts)] for i in range(args.prompts_per_step)]
         prompts = my_share(prompts, args.prompts_per_step, "--prompts-per-step")
         model.eval()
-        completions, stopped = sample([p["ids"] for p in prompts for _ in range(args.k)],
-                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        repeated = [p for p in prompts for _ in range(args.k)]
+        runs = roll_out([p["ids"] for p in repeated], args.temperature)
+        completions, stopped = [r["ids"] for r in runs], [r["stopped"] for r in runs]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, [p for p in prompts for _ in range(args.k)], texts, rm, stopped).float()
+            rewards = score_completions(args.task, repeated, texts, rm, stopped).float()
         task_rewards = rewards.clone()
-        rewards -= args.overlong_penalty * (~torch.tensor(stopped)).float()
-        examples = [{"input_ids": p["ids"] + c, "prompt_len": len(p["ids"])}
-                    for p, c in zip([p for p in prompts for _ in range(args.k)], completions)]
+        calls, invalid = (torch.tensor([r[key] for r in runs], dtype=torch.float32) for key in ("calls", "invalid"))
+        rewards -= args.overlong_penalty * (~torch.tensor(stopped)).float() + args.call_penalty * calls \
+            + args.invalid_call_penalty * invalid
+        # the model's tokens only: a tool response is context, never scored (spans: tools.tool_loop)
+        examples = [{"input_ids": p["ids"] + r["ids"], "prompt_len": len(p["ids"]),
+                     "spans": [(len(p["ids"]) + start, len(p["ids"]) + end) for start, end in r["spans"]]}
+                    for p, r in zip(repeated, runs)]
         ref_logps = torch.zeros(len(examples))
         if ref is not None:
             with on_device(ref), torch.no_grad():
@@ -277,6 +306,9 @@ def main(args):
                 metrics |= {"acc": right / n, "format": formatted / n}
             if ref is not None:  # with β = 0 there is no π_ref, and no KL is measured
                 metrics["kl"] = kl_sum / kl_n
+            if args.tools:
+                calls_sum, invalid_sum = all_sum(torch.stack([calls.sum(), invalid.sum()]).double()).tolist()
+                metrics |= {"calls": calls_sum / n, "invalid": invalid_sum / n}
             metrics |= {"live": live_n / prompts_n, "len": length / n, "stopped": stops / n, "time": time.time() - tick}
             log_metrics(out_dir, step, args.steps, metrics)
             tick = time.time()

@@ -53,7 +53,8 @@ class Args:
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
     puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
-    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked | search-mixed
+    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked |
+                                      # search-mixed | tools (guesses checked with the calculator) | tools-solve
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
     gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute
@@ -120,6 +121,10 @@ def load_data(args):
     if args.data == "synthetic":
         from calculator import synthetic_warmstart
         test_shape = args.puzzles.partition(":")[0] + ":test"   # held-out puzzles: disjoint by construction
+        if args.trace in ("tools", "tools-solve"):   # calls to the calculator (and the solver): tools.py
+            from tools import synthetic_tool_traces
+            tools = ("calculate", "solve") if args.trace == "tools-solve" else ("calculate",)
+            synthetic_warmstart = lambda n, seed, shape, trace: synthetic_tool_traces(n, seed, shape, tools=tools)
         try:
             train = synthetic_warmstart(args.synthetic_rows, args.seed, args.puzzles, trace=args.trace)
             held = synthetic_warmstart(args.eval_rows, args.seed + 10_000, test_shape, trace=args.trace)

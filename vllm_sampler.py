@@ -41,11 +41,13 @@ class VLLMSampler:
         worker.model_runner.model.load_weights(weights)
         self.llm.reset_prefix_cache()   # cached prefixes hold the old weights' keys and values
 
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0):
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0, stop_strings=()):
         from vllm import SamplingParams
+        # a stop string (`</tool_call>`) ends the text and finishes with "stop"; the token that completed it is kept
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
                                 repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
-                                stop_token_ids=self.stops, skip_special_tokens=False, logit_bias=self.unknown)
+                                stop_token_ids=self.stops, skip_special_tokens=False, logit_bias=self.unknown,
+                                stop=list(stop_strings) or None, include_stop_str_in_output=True)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
         completions = [list(out.outputs[0].token_ids) for out in outputs]   # a stop token is kept, as in `generate`
         return completions, [out.outputs[0].finish_reason == "stop" for out in outputs]

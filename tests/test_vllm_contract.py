@@ -8,6 +8,9 @@ sampler and rloo.py's loop are driven through it on the tiny model:
 - sampling_params.py: logit_bias keys must lie below model_config.get_vocab_size(); biases live in [−100, 100];
 - v1/core/sched/utils.py (check_stop): a stop token id stays the last of `token_ids`, finish_reason
   "stop", stop_reason the id; a completion cut at max_tokens finishes with "length";
+- v1/engine/detokenizer.py (check_stop_strings) and output_processor.py: a stop string is found in the
+  detokenized text; the request finishes with "stop", stop_reason the string, `token_ids` keeping the token
+  that completed it;
 - v1/engine/llm_engine.py: `llm_engine.model_executor` exists only when VLLM_ENABLE_V1_MULTIPROCESSING is
   0 (envs.py: read from the environment when the engine starts; default 1); the driver worker wraps the
   worker, whose model_runner holds the model;
@@ -38,7 +41,8 @@ MAX_IDS = 1024
 
 class SamplingParams:
     def __init__(self, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, max_tokens=16, stop_token_ids=None,
-                 skip_special_tokens=True, logit_bias=None, allowed_token_ids=None, seed=None):
+                 skip_special_tokens=True, logit_bias=None, allowed_token_ids=None, seed=None, stop=None,
+                 include_stop_str_in_output=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
         if logit_bias:
@@ -77,6 +81,7 @@ class LLM:
         torch.set_num_threads(1)
         self.dtype = getattr(torch, dtype)
         hf = common.load_model(model, dtype=self.dtype, device="cpu")
+        self.tokenizer = common.load_tokenizer(tokenizer or model)
         self.warnings, self.resets = [], 0
         self.runner = _Runner(hf, self.dtype, self.warnings)
         self.model_config = types.SimpleNamespace(get_vocab_size=lambda: hf.get_output_embeddings().weight.shape[0])
@@ -113,6 +118,10 @@ class LLM:
             ids.append(token)
             if token in (params.stop_token_ids or ()):
                 return types.SimpleNamespace(outputs=[_Completion(ids[len(prompt):], "stop", token)])
+            text = self.tokenizer.decode(ids[len(prompt):], skip_special_tokens=params.skip_special_tokens)
+            hit = next((s for s in params.stop or () if s in text), None)   # detokenizer.check_stop_strings
+            if hit is not None:   # the token that completed the string is kept
+                return types.SimpleNamespace(outputs=[_Completion(ids[len(prompt):], "stop", hit)])
         return types.SimpleNamespace(outputs=[_Completion(ids[len(prompt):], "length", None)])
 
 

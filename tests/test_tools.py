@@ -1,0 +1,211 @@
+"""The tool loop (tools.py): the tools' answers, the loop's rounds, and masks that never score what the harness wrote."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate
+import rloo
+import tools
+from countdown_reward import evaluate_expression
+
+
+def call(expression):
+    return json.dumps({"name": "calculate", "arguments": {"expression": expression}})
+
+
+# ------------------------------------------------------------------------------------------- the tools
+
+@pytest.mark.parametrize("body, response, valid", [
+    (call("(9 + 1) * 5"), "50", True),
+    (call("7 / 3"), "7/3", True),                      # exact: a fraction, not 2.333…
+    (call("1 / 3 + 2 / 3"), "1", True),                # float arithmetic would not give exactly 1 here either way
+    (call("5 / (3 - 3)"), "error: not an arithmetic expression over + - * / and numbers", False),
+    (call("__import__('os')"), "error: not an arithmetic expression over + - * / and numbers", False),
+    (call("2 ** 99999"), "error: not an arithmetic expression over + - * / and numbers", False),
+    ('{"name": "calculate", "arguments": {"expr": "1"}}', "error: calculate takes expression", False),
+    ('{"name": "python", "arguments": {}}', "error: unknown tool 'python'; the tools are calculate", False),
+    ('{"name": "calculate"', "error: the call is not JSON", False),
+    ('["calculate"]', 'error: a call is {"name": ..., "arguments": {...}}', False),
+    ('{"name": "calculate", "arguments": {"expression": 7}}', "error: expression must be a string", False),
+])
+def test_a_call_gets_its_answer_or_an_error_string(body, response, valid):
+    assert tools.run_call(body) == (response, valid)
+
+
+def test_solve_answers_only_when_offered_and_its_answer_is_right():
+    body = json.dumps({"name": "solve", "arguments": {"numbers": [9, 1, 5], "target": 2}})
+    assert tools.run_call(body)[1] is False                               # not among the tools offered
+    answer, valid = tools.run_call(body, tools=("calculate", "solve"))
+    assert valid and evaluate_expression(answer) == 2 and sorted(map(int, answer.replace("(", " ").replace(")", " ").split()[::2])) == [1, 5, 9]
+    assert tools.run_call(json.dumps({"name": "solve", "arguments": {"numbers": [2, 2], "target": 9}}),
+                          tools=("calculate", "solve")) == ("no solution", True)
+    assert tools.run_call(json.dumps({"name": "solve", "arguments": {"numbers": "12", "target": 9}}),
+                          tools=("calculate", "solve"))[1] is False
+
+
+def test_tool_names_accept_calculate_and_solve_only():
+    assert tools.tool_names("calculate") == ("calculate",) and tools.tool_names("calculate, solve") == ("calculate", "solve")
+    for bad in ("", "solve", "calculate,python"):
+        with pytest.raises(ValueError, match="--tools"):
+            tools.tool_names(bad)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+def scripted(tokenizer, script):
+    """A sampler that writes script[round] for every sequence of a round (cut to the budget, as a sampler is); a
+    text ending in "!" ends on the end-of-text token instead."""
+    rounds = []
+
+    def sample(prompt_ids, max_new_tokens, stop_strings=(), **_):
+        text = script[len(rounds)]
+        rounds.append((len(prompt_ids), max_new_tokens, stop_strings))
+        ends = text.endswith("!")   # "!": the answer ends on the end-of-text token
+        ids = tokenizer(text.removesuffix("!"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ends
+        stopped = (ends or text.endswith(tools.CALL_CLOSE)) and len(ids) <= max_new_tokens
+        return [ids[:max_new_tokens] for _ in prompt_ids], [stopped for _ in prompt_ids]
+    return sample, rounds
+
+
+def test_the_loop_runs_each_call_and_appends_its_response_between_rounds(tokenizer):
+    sample, rounds = scripted(tokenizer, [f" a {tools.CALL_OPEN}{call('6 * 7')}{tools.CALL_CLOSE}",
+                                          f" b {tools.CALL_OPEN}{call('6 / 0')}{tools.CALL_CLOSE}",
+                                          " <answer>6 * 7</answer>!"])
+    prompts = [[5, 6, 7], [5, 6]]
+    runs = tools.tool_loop(sample, tokenizer, prompts, max_new_tokens=500, max_calls=4)
+    assert [r[0] for r in rounds] == [2, 2, 2] and all(r[2] == (tools.CALL_CLOSE,) for r in rounds)
+    first = runs[0]
+    text = tokenizer.decode(first["ids"])
+    assert text.count("<tool_response>42</tool_response>") == 1 and "<tool_response>error:" in text
+    assert (first["calls"], first["invalid"], first["stopped"], first["checked"]) == (2, 1, True, {"6 * 7": "42"})
+    # the spans are exactly the model's three pieces: decoding them gives back what the sampler wrote
+    pieces = [tokenizer.decode(first["ids"][s:e]) for s, e in first["spans"]]
+    assert pieces == [f" a {tools.CALL_OPEN}{call('6 * 7')}{tools.CALL_CLOSE}",
+                      f" b {tools.CALL_OPEN}{call('6 / 0')}{tools.CALL_CLOSE}", " <answer>6 * 7</answer>" + tokenizer.eos_token]
+    gaps = [tokenizer.decode(first["ids"][e:s]) for (_, e), (s, _) in zip(first["spans"], first["spans"][1:])]
+    assert gaps == ["<tool_response>42</tool_response>",
+                    "<tool_response>error: not an arithmetic expression over + - * / and numbers</tool_response>"]
+    assert tools.uses_tool_answer(text, first["checked"], 42)
+
+
+def test_the_call_limit_and_the_token_budget_end_an_answer(tokenizer):
+    calling = f" {tools.CALL_OPEN}{call('1 + 1')}{tools.CALL_CLOSE}"
+    sample, rounds = scripted(tokenizer, [calling] * 10)
+    run, = tools.tool_loop(sample, tokenizer, [[5]], max_new_tokens=10_000, max_calls=2)
+    assert run["calls"] == 2 and len(rounds) == 3 and not run["stopped"]    # the third call ends it, unrun
+    piece = len(tokenizer(calling, add_special_tokens=False)["input_ids"])
+    sample, rounds = scripted(tokenizer, [calling] * 10)
+    run, = tools.tool_loop(sample, tokenizer, [[5]], max_new_tokens=piece + 5, max_calls=4)
+    assert len(run["ids"]) == piece + 5 and rounds[0][1] == piece + 5      # the response is cut to the budget
+    assert run["spans"] == [(0, piece)] and len(rounds) == 1
+
+
+def test_generate_stops_after_the_token_that_completes_a_stop_string(tokenizer, model):
+    prompt = [common.encode(tokenizer, "Using the numbers [1, 2, 3], create")["input_ids"]]
+    torch.manual_seed(0)
+    free, _ = common.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0)
+    text = tokenizer.decode(free[0])
+    stop = text[60:64]                                # four characters the model does write, mid-completion
+    torch.manual_seed(0)                              # the same draws up to the stop
+    cut, stopped = common.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0, stop_strings=(stop,))
+    first = next(n for n in range(1, len(free[0]) + 1) if stop in tokenizer.decode(free[0][:n]))
+    assert 3 < first < len(free[0]) and cut[0] == free[0][:first] and stopped == [True]
+
+
+# ------------------------------------------------------------------------------------------- masks
+
+TRACE = (" 6 * 7 <tool_call>" + call("6 * 7") + "</tool_call><tool_response>42</tool_response> found it."
+         "\n</think>\n<answer>6 * 7</answer>")
+
+
+def test_encode_leaves_tool_responses_out_of_the_model_s_spans(tokenizer):
+    example = common.encode(tokenizer, "Q:", TRACE)
+    mask = common.collate([example], tokenizer.pad_token_id)["completion_mask"][0]
+    masked_out = tokenizer.decode([t for t, m in zip(example["input_ids"], mask) if not m][example["prompt_len"]:])
+    assert masked_out == "<tool_response>42</tool_response>"
+    assert mask[-1] and mask[example["prompt_len"]] and not mask[:example["prompt_len"]].any()   # the end token is the model's
+    plain = common.encode(tokenizer, "Q:", " 6 * 7 = 42")
+    assert "spans" not in plain   # a completion without tool responses: one span, as always
+
+
+def test_no_gradient_comes_from_the_tokens_the_harness_wrote(tokenizer, model):
+    """The SFT loss on a tool trace: the hidden states that predict a tool response's tokens get exactly zero
+    gradient (those tokens are context, never labels); the mask that included them would train on them."""
+    example = common.encode(tokenizer, "Q:", TRACE)
+    batch = common.collate([example], tokenizer.pad_token_id)
+    response = ~batch["completion_mask"][0] & (torch.arange(len(example["input_ids"])) >= example["prompt_len"])
+    predicts_response = response[1:]                      # position t predicts token t + 1
+
+    def hidden_grad(completion_mask):
+        captured = {}
+
+        def keep(module, inputs, out):
+            out.last_hidden_state.retain_grad()
+            captured["h"] = out.last_hidden_state
+        handle = model.get_decoder().register_forward_hook(keep)
+        loss = -common.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], completion_mask).sum()
+        loss.backward()
+        handle.remove()
+        model.zero_grad()
+        return captured["h"].grad[0, :-1].abs().sum(-1)
+
+    grad = hidden_grad(batch["completion_mask"])
+    assert grad[predicts_response].max() == 0 and (grad[~predicts_response & batch["completion_mask"][0, 1:]] > 0).all()
+    wrong = batch["attention_mask"].bool() & (torch.arange(batch["input_ids"].shape[1]) >= example["prompt_len"])
+    assert hidden_grad(wrong)[predicts_response].min() > 0   # a mask from the prompt length on trains on them
+
+
+def test_rloo_with_tools_scores_only_the_model_s_tokens(tokenizer, tmp_path, monkeypatch):
+    script = [f" 6 * 7 {tools.CALL_OPEN}{call('6 * 7')}{tools.CALL_CLOSE}", " <answer>6 * 7</answer>!"]
+
+    def make_sampler(tok, *a, **kw):
+        def sample(prompt_ids, max_new_tokens, **kw):   # a call; once its response is there (the prompt shows one), the answer
+            outs = []
+            for ids in prompt_ids:
+                text = script[int(tok.decode(ids).count(tools.RESPONSE_CLOSE) > 1)]
+                piece = tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if text.endswith("!") else [])
+                outs.append(piece[:max_new_tokens])
+            return outs, [True] * len(outs)
+        return sample, None
+    batches = []
+    real_collate = rloo.collate
+    monkeypatch.setattr(rloo, "make_sampler", make_sampler)
+    monkeypatch.setattr(rloo, "collate", lambda examples, pad: batches.append((examples, real_collate(examples, pad))) or batches[-1][1])
+    rloo.main(rloo.Args(model="tiny", puzzles="easy:train", n_prompts=4, eval_prompts=0, k=2, prompts_per_step=2, steps=1,
+                        tools="calculate", kl_coef=0.0, lr=1e-3, max_new_tokens=300, eval_every=0, sample_every=0,
+                        out_dir=str(tmp_path / "rloo")))
+    examples, batch = batches[0]
+    for example, mask in zip(examples, batch["completion_mask"]):
+        ids = torch.tensor(example["input_ids"])
+        written_by_harness = tokenizer.decode(ids[~mask[:len(ids)]][example["prompt_len"]:].tolist())
+        assert written_by_harness == "<tool_response>42</tool_response>"
+    logged = json.loads((tmp_path / "rloo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["calls"] == 1 and logged["invalid"] == 0
+
+
+def test_evaluate_reports_calls_and_unchecked_answers(tokenizer):
+    puzzles = [{"nums": [6, 7, 1], "target": 42}]
+    args = evaluate.Args(tools="calculate", max_calls=4, samples=2, max_new_tokens=400, temperature=1.0)
+    checked, _ = scripted(tokenizer, [f" {tools.CALL_OPEN}{call('6 * 7 * 1')}{tools.CALL_CLOSE}",
+                                      "\n</think>\n<answer>6 * 7 * 1</answer>!"])
+    row = evaluate.tool_loop_row(checked, tokenizer, puzzles, args)
+    assert row["acc"][0] == 1 and row["calls"][0] == 1 and row["used tool"][0] == 1 and row["unchecked answers"][0] == 0
+    guessed, _ = scripted(tokenizer, ["\n</think>\n<answer>6 * 7 * 1</answer>!"])
+    row = evaluate.tool_loop_row(guessed, tokenizer, puzzles, args)
+    assert row["acc"][0] == 1 and row["calls"][0] == 0 and row["unchecked answers"][0] == 1
+    assert np.isclose(row["invalid calls"][0], 0)
+
+
+def test_synthetic_tool_traces_check_every_guess_honestly(tokenizer):
+    for row in tools.synthetic_tool_traces(50, seed=3, shape="easy"):
+        lines = row["completion"].split("\n")[2:-2]
+        for line in lines:
+            expression = line.split(" <tool_call>")[0]
+            value = line.split("<tool_response>")[1].split("</tool_response>")[0]
+            assert value == tools.calculate(expression)
+            assert line.endswith("found it.") == (value == str(row["target"]))
+        assert lines[-1].endswith("found it.") and row["completion"].endswith(f"<answer>{lines[-1].split(' <tool_call>')[0]}</answer>")
+        assert "To check an expression, call the calculator" in row["query"]
