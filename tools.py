@@ -33,7 +33,10 @@ def calculate(expression):
     value = evaluate_expression(expression, exact=True)
     if value is None:
         return "error: not an arithmetic expression over + - * / and numbers"
-    return str(value)   # a Fraction prints 10 or 7/3
+    try:
+        return str(value)   # a Fraction prints 10 or 7/3
+    except ValueError:      # Python prints no integer of over 4 300 digits
+        return "error: the value is too long to print"
 
 
 def solve_tool(numbers, target):

@@ -25,6 +25,7 @@ def call(expression):
     (call("5 / (3 - 3)"), "error: not an arithmetic expression over + - * / and numbers", False),
     (call("__import__('os')"), "error: not an arithmetic expression over + - * / and numbers", False),
     (call("2 ** 99999"), "error: not an arithmetic expression over + - * / and numbers", False),
+    (call(" * ".join(["9" * 99] * 50)), "error: the value is too long to print", False),
     ('{"name": "calculate", "arguments": {"expr": "1"}}', "error: calculate takes expression", False),
     ('{"name": "python", "arguments": {}}', "error: unknown tool 'python'; the tools are calculate", False),
     ('{"name": "calculate"', "error: the call is not JSON", False),
@@ -209,3 +210,14 @@ def test_synthetic_tool_traces_check_every_guess_honestly(tokenizer):
             assert line.endswith("found it.") == (value == str(row["target"]))
         assert lines[-1].endswith("found it.") and row["completion"].endswith(f"<answer>{lines[-1].split(' <tool_call>')[0]}</answer>")
         assert "To check an expression, call the calculator" in row["query"]
+
+
+def test_tiny_tools_learns_the_call_format_and_leaves_tiny_as_it_was(tokenizer):
+    tiny_tools = common.load_tokenizer("tiny-tools")
+    call_text = tools.call_text("calculate", expression="9 * 3 + 5")
+    n = lambda tok, text: len(tok(text, add_special_tokens=False)["input_ids"])
+    assert n(tiny_tools, call_text) <= 12 < 40 <= n(tokenizer, call_text)   # a call: a few tokens, as in Qwen2.5
+    assert tiny_tools.decode(tiny_tools(call_text, add_special_tokens=False)["input_ids"]) == call_text
+    assert len(tokenizer) == 671   # the tiny chain's tokenizer (and so every figure of tiny_pipeline.sh) is unchanged
+    model = common.load_model("tiny-tools", tiny_tools)
+    assert model.get_input_embeddings().weight.shape[0] > len(tiny_tools)
