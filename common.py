@@ -20,13 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
-from tools import TOOL_RESPONSE
+from tools import TOOL_RESPONSE, stop_string_end
 from distributed import (all_rng_states, all_sum, barrier, end_processes, my_share, rank_and_world,  # noqa: F401
                          restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
                          sync_if, training_forward)  # noqa: F401
 # What the user hands in (flags, files, puzzles) is read and checked in inputs.py; the trainers import it from here.
 from inputs import (SFT_RUNS, InputError, check_args, hold_out, hub_dataset, hub_reachable, load_puzzles,  # noqa: F401
-                    parse_args, preference_pairs, puzzle, read_jsonl, run, run_dir, sft_run)  # noqa: F401
+                    locate, parse_args, preference_pairs, puzzle, read_jsonl, resolve_checkpoint, run, run_dir,  # noqa: F401
+                    sft_run)  # noqa: F401
 from testbed import END_OF_TEXT, IM_END
 
 QWEN = "Qwen/Qwen2.5-0.5B"
@@ -50,34 +51,6 @@ def mixed_precision(device, dtype):
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     label = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}.get(dtype, "fp32")
     return autocast, scaler, f"{device}, {label}"
-
-
-def resolve_checkpoint(path):
-    """A model (or tokenizer) directory, or a run directory (out_dir of a trainer): then its newest complete checkpoint."""
-    path = Path(path)
-    if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
-        return path
-    steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not steps:
-        raise InputError(f"{path}: not a model directory (no config.json) and no step-N checkpoint inside")
-    return steps[-1]
-
-
-def locate(name):
-    """Where to load `name` from: a local directory (a run directory: its newest checkpoint) or a hub id the hub can
-    serve (cached, or reachable now). Anything else is one line, at once: no retries against an unreachable hub."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"{name}: a file, not a model directory")
-        return str(resolve_checkpoint(path))
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
-    if looks_like_path:
-        raise InputError(f"{name}: no such directory")
-    from huggingface_hub import try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not hub_reachable():
-        raise InputError(f"{name}: no such directory, and the hub cannot be reached to fetch it (offline?)")
-    return name
 
 
 def load_tokenizer(name=QWEN):
@@ -170,15 +143,7 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
         ids.append(tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id)
         spans.append((len(ids) - 1, len(ids)))
     example = {"input_ids": ids, "prompt_len": len(prompt_ids)}
-    return example if len(pieces) <= 1 else {**example, "spans": _merged(spans)}
-
-
-def _merged(spans):
-    """Adjacent spans as one: [(3, 5), (5, 6)] → [(3, 6)]."""
-    out = []
-    for start, end in spans:
-        out[-1:] = [(out[-1][0], end)] if out and out[-1][1] == start else out[-1:] + [(start, end)]
-    return out
+    return example if len(pieces) <= 1 else {**example, "spans": spans}
 
 
 def collate(examples, pad_id):
@@ -315,25 +280,10 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
             if stop_strings:
-                end = _string_end(tokenizer, row[:None if end is None else end + 1], stop_strings, end)
+                end = stop_string_end(tokenizer, row[:None if end is None else end + 1], stop_strings, end)
             completions.append(row if end is None else row[:end + 1])
             stopped.append(end is not None)
     return completions, stopped
-
-
-def _string_end(tokenizer, row, stop_strings, end):
-    """The index of the token that completes the first stop string in row (a binary search over decoded
-    prefixes: a prefix holds a stop string from that token on), else `end`."""
-    def holds(n):
-        text = tokenizer.decode(row[:n], skip_special_tokens=False)
-        return any(s in text for s in stop_strings)
-    if not holds(len(row)):
-        return end
-    low, high = 1, len(row)   # holds(high); find the least n with holds(n)
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if holds(mid) else (mid + 1, high)
-    return low - 1
 
 
 def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):

@@ -1,5 +1,5 @@
 """What the user hands in, read and checked: flags (the CLI, every numeric flag's range), JSONL files, preference
-pairs (UltraFeedback's schema), Countdown puzzles, hub datasets. Bad input is an InputError: the scripts print it as
+pairs (UltraFeedback's schema), Countdown puzzles, where a --model lives (a directory or a hub id), hub datasets. Bad input is an InputError: the scripts print it as
 one line naming the flag, file or row, and exit 2.
 
 The trainers import these through common.py, their one import.
@@ -255,6 +255,36 @@ def hub_reachable(timeout=3.0):
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------- --model
+
+def resolve_checkpoint(path):
+    """A model (or tokenizer) directory, or a run directory (out_dir of a trainer): then its newest complete checkpoint."""
+    path = Path(path)
+    if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
+        return path
+    steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not steps:
+        raise InputError(f"{path}: not a model directory (no config.json) and no step-N checkpoint inside")
+    return steps[-1]
+
+
+def locate(name):
+    """Where to load `name` from: a local directory (a run directory: its newest checkpoint) or a hub id the hub can
+    serve (cached, or reachable now). Anything else is one line, at once: no retries against an unreachable hub."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{name}: a file, not a model directory")
+        return str(resolve_checkpoint(path))
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
+    if looks_like_path:
+        raise InputError(f"{name}: no such directory")
+    from huggingface_hub import try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and not hub_reachable():
+        raise InputError(f"{name}: no such directory, and the hub cannot be reached to fetch it (offline?)")
+    return name
 
 
 def hub_dataset(name, split):
