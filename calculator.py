@@ -379,32 +379,54 @@ def search_completion(numbers, target, mark=True):
     does (tests/test_calculator.py checks every easy puzzle). mark=False leaves out the "!" marks: the
     verdict must then compare the two lists itself (the harder "search-unmarked" trace).
     """
-    if len(numbers) != 3:
-        raise ValueError(f"the search trace is for 3 numbers, got {len(numbers)}: {list(numbers)}")
-    (a, b, c), t = (int(n) for n in numbers), int(target)
     lines = []
-    for (p, q), x in (((a, b), c), ((a, c), b), ((b, c), a)):
-        y, z = max(p, q), min(p, q)
-        makes = [y + z, y - z, y * z, y // z if z and y % z == 0 else None]
-        op_of = {}  # value -> the first operation that makes it
-        for v, op in zip(makes, "+-*/"):
-            if v is not None:
-                op_of.setdefault(v, op)
-        needs = _one_step_to(t, x, max(op_of))
-        plain = lambda v: "-" if v is None else str(v)
-        show = lambda v: f"{v}!" if mark and v in op_of else plain(v)
-        line = f"{y} {z}: {' '.join(map(plain, makes))}; {x}: {' '.join(map(show, needs))};"
-        hit = next((i for i, v in enumerate(needs) if v in op_of), None)
+    for y, z, x, makes, needs in search_pairs(numbers, target):
+        hit = next(iter(pair_hits(makes, needs)), None)
+        line = pair_line(y, z, x, makes, needs, mark)
         if hit is None:
             lines.append(f"{line} no.")
             continue
-        v, (op, x_first) = needs[hit], _SLOT_OPS[hit]
-        pair = (op_of[v], y, z)
-        last, tree = (f"{x} {op} {v}", (op, x, pair)) if x_first else (f"{v} {op} {x}", (op, pair, x))
-        lines.append(f"{line} {y} {op_of[v]} {z} = {v}, {last} = {t}, found it.")
+        claim, tree = pair_claim(y, z, x, makes, needs, hit, target)
+        lines.append(f"{line} {claim}, found it.")
         think = "\n".join(lines)
-        return f"\n<think>\n{think}\n</think>\n<answer>{_checked(tree, t)}</answer>"
+        return f"\n<think>\n{think}\n</think>\n<answer>{_checked(tree, target)}</answer>"
     return None
+
+
+def search_pairs(numbers, target):
+    """The search's three lines as data: (y, z, x, makes, needs) per pair, in the prompt's order (search_completion)."""
+    if len(numbers) != 3:
+        raise ValueError(f"the search trace is for 3 numbers, got {len(numbers)}: {list(numbers)}")
+    (a, b, c), t = (int(n) for n in numbers), int(target)
+    for (p, q), x in (((a, b), c), ((a, c), b), ((b, c), a)):
+        y, z = max(p, q), min(p, q)
+        makes = [y + z, y - z, y * z, y // z if z and y % z == 0 else None]
+        yield y, z, x, makes, _one_step_to(t, x, max(v for v in makes if v is not None))
+
+
+def pair_hits(makes, needs):
+    """The slots of `needs` whose value the pair makes, in order: the line's hits."""
+    return [i for i, v in enumerate(needs) if v is not None and v in makes]
+
+
+def pair_line(y, z, x, makes, needs, mark=True):
+    """ "9 1: 10 8 9 9; 5: - 7 3 - 10! -;" — a pair's line up to its verdict."""
+    plain = lambda v: "-" if v is None else str(v)
+    show = lambda v: f"{v}!" if mark and v is not None and v in makes else plain(v)
+    return f"{y} {z}: {' '.join(map(plain, makes))}; {x}: {' '.join(map(show, needs))};"
+
+
+def pair_claim(y, z, x, makes, needs, slot, target):
+    """ ("9 + 1 = 10, 10 / 5 = 2", tree): the hit at `slot` of a line, as the line's values say (not checked)."""
+    v, (op, x_first) = needs[slot], _SLOT_OPS[slot]
+    pair = ("+-*/"[makes.index(v)], y, z)   # the first operation that makes v
+    last, tree = (f"{x} {op} {v}", (op, x, pair)) if x_first else (f"{v} {op} {x}", (op, pair, x))
+    return f"{y} {pair[0]} {z} = {v}, {last} = {int(target)}", tree
+
+
+def expression_text(tree, target):
+    """The tree as the answer writes it: checked against the target when it reaches it, else the fewest parentheses."""
+    return _checked(tree, target) or _format(tree)[0]
 
 
 TRACES = ("attempts", "search", "search-unmarked", "search-mixed")

@@ -206,8 +206,8 @@ def countdown(args, out_dir):
 def tool_loop_row(sample, tokenizer, puzzles, args):
     """The tool loop's row: the tools in the prompt, calls run between rounds (tools.tool_loop). Beside the score:
     calls per answer, the share of answers that called a tool, invalid calls per answer, and the share of answers
-    written without checking (of all responses: an answer whose expression never came back from the calculator
-    as the target)."""
+    written without checking (of all responses: an answer the calculator never confirmed, neither its value as the
+    target nor its value minus the target as 0: tools.uses_tool_answer)."""
     try:
         names = tool_names(args.tools)
     except ValueError as e:

@@ -54,7 +54,7 @@ class Args:
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
     puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
     trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked |
-                                      # search-mixed | tools (guesses checked with the calculator) | tools-solve
+                                      # search-mixed | tools (the search, each hit checked with the calculator) | tools-solve
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
     gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute

@@ -16,7 +16,7 @@ import json
 import random
 import re
 
-from calculator import puzzles_from_spec, solve
+from calculator import MIXED_MARKED, expression_text, pair_claim, pair_hits, pair_line, puzzles_from_spec, search_pairs, solve
 from countdown_reward import evaluate_expression, warmstart_query
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -155,65 +155,103 @@ def tool_query(numbers, target, tools=("calculate",)):
     """The WarmStart prompt with the tools described before the assistant turn (the base model has no chat tools)."""
     query = warmstart_query(numbers, target)
     head, tail = query.rsplit("\nAssistant:", 1)
-    lines = [f"To check an expression, call the calculator: {call_text('calculate', expression='1 + 2')} and its "
-             f"value comes back as {response_text(3)}."]
+    lines = [f"To check an expression, call the calculator on it minus the target: "
+             f"{call_text('calculate', expression='1 + 2 - 3')} comes back as {response_text(0)} when it is right."]
     if "solve" in tools:
         lines.append(f"To find an answer, call the solver: {call_text('solve', numbers=[1, 2, 3], target=6)}.")
     return f"{head}\n{' '.join(lines)}\nAssistant:{tail}"
 
 
-def tool_completion(numbers, target, expression, wrong=0, rng=None):
-    """A tool-use trace (sft.py's data): guesses checked with the calculator, then the answer, WarmStart-style:
+SLIPPED = 0.5   # the share of tool traces with one slip: a wrong value that makes a hit, refuted by the calculator
+
+
+def tool_completion(numbers, target, mark=True, slip=None):
+    """A tool-use trace (sft.py's data): calculator.search_completion's search, every hit a line claims checked with
+    the calculator (check_text: the expression minus the target, a hit if 0 comes back); after a "no", the line's
+    next hit ("no;") or the next line ("no."):
         <think>
-        8 * 5 - 6 <tool_call>…"8 * 5 - 6"…</tool_call><tool_response>34</tool_response> not 38.
-        6 * 5 + 8 <tool_call>…"6 * 5 + 8"…</tool_call><tool_response>38</tool_response> found it.
+        8 5: 13 3 40 -; 6: 32 44 - - - -; no.
+        8 6: 14 2 48 -; 5: 33 43 - - - -; no.
+        6 5: 11 1 30 -; 8: 30 46 - - - -; 6 * 5 = 30, 30 + 8 = 38 <tool_call>…"6 * 5 + 8 - 38"…</tool_call><tool_response>0</tool_response> found it.
         </think>
         <answer>6 * 5 + 8</answer>
-    `wrong` random guesses that miss come first (each checked honestly), then the solution's expression."""
-    rng = rng or random.Random(0)
-    guesses = []
-    for _ in range(wrong):
-        for _ in range(20):   # skip the rare right guess and repeats
-            guess = _random_expression(numbers, rng)
-            value = evaluate_expression(guess, exact=True)
-            if value is not None and value != target and guess not in guesses:
-                guesses.append(guess)
+    slip (line, "makes" or "needs", position, value): that line writes one value wrong, the way the model makes up a
+    hit ("7 3: 10 4 27 -; 9: 27 45 - 4 - -; 7 * 3 = 27, 27 + 9 = 36" → -6, "no; 7 - 3 = 4, …"); the calculator
+    refutes it and the search goes on. None if the search finds no answer (or the slip hides it)."""
+    lines = []
+    for n, (y, z, x, makes, needs) in enumerate(search_pairs(numbers, target)):
+        if slip and slip[0] == n:
+            (makes if slip[1] == "makes" else needs)[slip[2]] = slip[3]
+        checks, found = [], False
+        for slot in pair_hits(makes, needs):
+            claim, tree = pair_claim(y, z, x, makes, needs, slot, target)
+            expression = expression_text(tree, target)
+            check, found = check_text(expression, target)
+            checks.append(f"{claim} {check} {'found it' if found else 'no'}")
+            if found:
                 break
-    lines = [f"{g} {call_text('calculate', expression=g)}{response_text(calculate(g))} not {target}." for g in guesses]
-    lines.append(f"{expression} {call_text('calculate', expression=expression)}{response_text(calculate(expression))} "
-                 f"found it.")
-    return "\n<think>\n" + "\n".join(lines) + f"\n</think>\n<answer>{expression}</answer>"
+        lines.append(f"{pair_line(y, z, x, makes, needs, mark)} {'; '.join(checks) or 'no'}.")
+        if found:
+            return "\n<think>\n" + "\n".join(lines) + f"\n</think>\n<answer>{expression}</answer>"
+    return None
 
 
-def synthetic_tool_traces(n, seed, shape="easy", max_wrong=2, tools=("calculate",)):
-    """n rows {"query", "completion", "nums", "target"}: tool_query prompts and tool_completion traces with 0 to
-    max_wrong checked guesses (uniformly) before the solution (sft.py --trace tools). With "solve" among the tools,
-    the trace asks the solver first and checks its answer with the calculator (report 000's setting, in a loop)."""
+def check_text(expression, target):
+    """(text, hit): a check as the trace writes it, the expression minus the target sent to the calculator and what
+    came back, and whether that is 0. The verdict after it reads one value, 0 or not, not two numbers to compare."""
+    result = calculate(f"{expression} - {target}")
+    return call_text("calculate", expression=f"{expression} - {target}") + response_text(result), result == "0"
+
+
+def slips(numbers, target):
+    """Every slip (tool_completion) that makes a false hit before the answer and keeps the answer, with its size:
+    [(|written − true|, (line, list, position, value)), …]. A "needs" slip writes a value the pair makes in a
+    slot of what the line needs; a "makes" slip writes a needed value as one the pair makes."""
+    out = []
+    for n, (y, z, x, makes, needs) in enumerate(search_pairs(numbers, target)):
+        hits = pair_hits(makes, needs)
+        before = hits[0] if hits else len(needs)   # a false hit must come before the line's true one
+        made = [v for v in makes if v is not None]
+        for i in range(before):
+            if needs[i] is None:
+                continue
+            out += [(abs(m - needs[i]), (n, "needs", i, m)) for m in made if m != needs[i]]
+            if needs[i] not in makes:
+                out += [(abs(needs[i] - v), (n, "makes", j, needs[i])) for j, v in enumerate(makes)
+                        if v is not None and not (hits and v == needs[hits[0]])]
+        if hits:
+            return out
+    return out
+
+
+def synthetic_tool_traces(n, seed, shape="easy", tools=("calculate",), slipped=SLIPPED):
+    """n rows {"query", "completion", "nums", "target"}: tool_query prompts and tool_completion traces, the "!" marks
+    on a share MIXED_MARKED of them (as sft.py --trace search-mixed), and a share `slipped` with one of the three
+    smallest slips (sft.py --trace tools). With "solve" among the tools the trace asks the solver and checks its
+    answer with the calculator (report 000's setting, in a loop; sft.py --trace tools-solve)."""
     rng, rows = random.Random(seed), []
     for p in puzzles_from_spec(shape, n, seed):
-        expression = solve(p["nums"], p["target"])
         if "solve" in tools:
-            asked = call_text("solve", numbers=list(p["nums"]), target=p["target"]) + response_text(expression)
-            completion = tool_completion(p["nums"], p["target"], expression).replace("<think>\n", f"<think>\n{asked}\n", 1)
+            expression = solve(p["nums"], p["target"])
+            completion = (f"\n<think>\n{call_text('solve', numbers=list(p['nums']), target=p['target'])}"
+                          f"{response_text(expression)}\n{expression} "
+                          f"{check_text(expression, p['target'])[0]} found it."
+                          f"\n</think>\n<answer>{expression}</answer>")
         else:
-            completion = tool_completion(p["nums"], p["target"], expression, wrong=rng.randint(0, max_wrong), rng=rng)
+            mark = rng.random() < MIXED_MARKED
+            nearest = sorted(slips(p["nums"], p["target"]))[:3]
+            slip = rng.choice(nearest)[1] if nearest and rng.random() < slipped else None
+            completion = tool_completion(p["nums"], p["target"], mark, slip)
         rows.append({"query": tool_query(p["nums"], p["target"], tools), "completion": completion,
                      "nums": p["nums"], "target": p["target"]})
     return rows
 
 
-def _random_expression(numbers, rng):
-    """A random expression over all the numbers (a guess to check)."""
-    parts = [str(n) for n in numbers]
-    while len(parts) > 1:
-        a, b = (parts.pop(rng.randrange(len(parts))) for _ in range(2))
-        op = rng.choice("+-*/")
-        parts.append(f"({a} {op} {b})" if len(parts) else f"{a} {op} {b}")
-    return parts[0]
-
-
 def uses_tool_answer(response, checked, target):
-    """Whether the final answer was checked: its expression went to the calculator and came back as the target."""
-    answer = response.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0] if "<answer>" in response else None
-    return answer is not None and checked.get(" ".join(answer.split())) == str(target)
+    """Whether the final answer was checked: the calculator got its expression and said the target, or its expression
+    minus the target and said 0."""
+    if "<answer>" not in response:
+        return False
+    answer = " ".join(response.rsplit("<answer>", 1)[-1].split("</answer>", 1)[0].split())
+    return checked.get(answer) == str(target) or checked.get(f"{answer} - {target}") == "0"
 

@@ -1,15 +1,17 @@
 """The tool loop (tools.py): the tools' answers, the loop's rounds, and masks that never score what the harness wrote."""
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+import calculator
 import common
 import evaluate
 import rloo
 import tools
-from countdown_reward import evaluate_expression
+from countdown_reward import evaluate_expression, score_response
 
 
 def call(expression):
@@ -194,22 +196,50 @@ def test_evaluate_reports_calls_and_unchecked_answers(tokenizer):
                                       "\n</think>\n<answer>6 * 7 * 1</answer>!"])
     row = evaluate.tool_loop_row(checked, tokenizer, puzzles, args)
     assert row["acc"][0] == 1 and row["calls"][0] == 1 and row["used tool"][0] == 1 and row["unchecked answers"][0] == 0
+    for expression in ("6 * 7 * 1 - 42", "6 * 7 * 1 - 41"):   # the trace's check (0: a hit); a check that said 1 is none
+        minus, _ = scripted(tokenizer, [f" {tools.CALL_OPEN}{call(expression)}{tools.CALL_CLOSE}",
+                                        "\n</think>\n<answer>6 * 7 * 1</answer>!"])
+        row = evaluate.tool_loop_row(minus, tokenizer, puzzles, args)
+        assert row["acc"][0] == 1 and row["unchecked answers"][0] == (expression.endswith("41"))
     guessed, _ = scripted(tokenizer, ["\n</think>\n<answer>6 * 7 * 1</answer>!"])
     row = evaluate.tool_loop_row(guessed, tokenizer, puzzles, args)
     assert row["acc"][0] == 1 and row["calls"][0] == 0 and row["unchecked answers"][0] == 1
     assert np.isclose(row["invalid calls"][0], 0)
 
 
-def test_synthetic_tool_traces_check_every_guess_honestly(tokenizer):
-    for row in tools.synthetic_tool_traces(50, seed=3, shape="easy"):
-        lines = row["completion"].split("\n")[2:-2]
-        for line in lines:
-            expression = line.split(" <tool_call>")[0]
-            value = line.split("<tool_response>")[1].split("</tool_response>")[0]
-            assert value == tools.calculate(expression)
-            assert line.endswith("found it.") == (value == str(row["target"]))
-        assert lines[-1].endswith("found it.") and row["completion"].endswith(f"<answer>{lines[-1].split(' <tool_call>')[0]}</answer>")
+def test_a_tool_trace_is_the_model_only_search_with_every_hit_checked(tokenizer):
+    call = lambda e: tools.call_text("calculate", expression=e)   # a check: the expression minus the target
+    # The model-only chain's own made-up hit (seed 1's SFT on [9, 3, 7] → 36: "7 * 3 = 27"), as a slip: refuted,
+    # then the line's next hit.
+    assert tools.tool_completion([9, 3, 7], 36, mark=False, slip=(2, "makes", 2, 27)).split("\n")[4] == (
+        f"7 3: 10 4 27 -; 9: 27 45 - 4 - -; 7 * 3 = 27, 27 + 9 = 36 {call('7 * 3 + 9 - 36')}<tool_response>-6</tool_response> "
+        f"no; 7 - 3 = 4, 4 * 9 = 36 {call('(7 - 3) * 9 - 36')}<tool_response>0</tool_response> found it.")
+    # A slip on a line without a hit: "no." and the next line. By hand: 9 + 9 = 18 ≠ 41 = 45 − 4 (the nearest slips).
+    assert tools.tool_completion([9, 9, 4], 45, mark=True, slip=(0, "makes", 0, 41)) == (
+        f"\n<think>\n9 9: 41 0 81 1; 4: 41! 49 - - - -; 9 + 9 = 41, 41 + 4 = 45 {call('9 + 9 + 4 - 45')}"
+        f"<tool_response>-23</tool_response> no.\n9 4: 13 5 36 -; 9: 36! 54 - 5! - -; 9 * 4 = 36, 36 + 9 = 45 "
+        f"{call('9 * 4 + 9 - 45')}<tool_response>0</tool_response> found it.\n</think>\n<answer>9 * 4 + 9</answer>")
+    assert sorted(tools.slips([9, 9, 4], 45))[:3] == [(23, (0, "makes", 0, 41)), (23, (0, "needs", 0, 18)),
+                                                     (31, (0, "makes", 0, 49))]
+    assert tools.slips([4, 3, 9], 16) == []   # 4 + 3 = 7 = 16 − 9 is the first slot of the first line
+    rows = tools.synthetic_tool_traces(400, seed=3, shape="easy:sft")
+    slipped = 0
+    for row in rows:
+        nums, target = row["nums"], row["target"]
         assert "To check an expression, call the calculator" in row["query"]
+        checks = re.findall(r'"expression": "(.*?) - (\d+)"}}</tool_call><tool_response>(.*?)</tool_response> (found it|no)',
+                            row["completion"])
+        for expression, minus, value, verdict in checks:   # the expression minus the target: 0 is a hit
+            assert int(minus) == target and value == tools.calculate(f"{expression} - {target}")
+            assert (verdict == "found it") == (value == "0") == (tools.calculate(expression) == str(target))
+        assert checks[-1][3] == "found it" and row["completion"].endswith(f"<answer>{checks[-1][0]}</answer>")
+        assert score_response(row["completion"], {"numbers": nums, "target": target}) == 1.0
+        slipped += len(checks) > 1
+        if len(checks) == 1:   # no slip: the model-only search, its one hit checked
+            marked = "!" in row["completion"]
+            plain = re.sub(r" <tool_call>.*?</tool_response> found it\.", ", found it.", row["completion"])
+            assert plain == calculator.search_completion(nums, target, mark=marked)
+    assert 0.15 < slipped / len(rows) < 0.35   # half the rows, where a slip can come before the answer (~half)
 
 
 def test_tiny_tools_learns_the_call_format_and_leaves_tiny_as_it_was(tokenizer):
