@@ -135,7 +135,7 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     pieces = [piece for piece in TOOL_RESPONSE.split(completion) if piece]
     ids, spans = list(prompt_ids), []
     for piece in pieces:
-        piece_ids = text_ids(tokenizer, piece)
+        piece_ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if not TOOL_RESPONSE.fullmatch(piece):
             spans.append((len(ids), len(ids) + len(piece_ids)))
         ids += piece_ids
@@ -144,12 +144,6 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
         spans.append((len(ids) - 1, len(ids)))
     example = {"input_ids": ids, "prompt_len": len(prompt_ids)}
     return example if len(pieces) <= 1 else {**example, "spans": spans}
-
-
-def text_ids(tokenizer, text):
-    """The ids of a piece of completion text, as written: nothing added, a control token in it kept as text. Every
-    piece goes through here, the model's and the harness's, when training (encode) and sampling (tools.tool_loop)."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def collate(examples, pad_id):

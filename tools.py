@@ -100,7 +100,6 @@ def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=
     the model's tokens within ids), "stopped" (ended on a stop token), "calls", "invalid" (calls that got an
     error), "checked" (expressions the calculator evaluated, with their results).
     """
-    from common import text_ids   # here, not at the top: common imports this module
     out = [{"ids": [], "spans": [], "stopped": False, "calls": 0, "invalid": 0, "checked": {}} for _ in prompt_ids]
     active = list(range(len(prompt_ids)))
     while active:
@@ -127,7 +126,7 @@ def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=
             call = json.loads(body) if valid else None
             if valid and call["name"] == "calculate":
                 seq["checked"][" ".join(call["arguments"]["expression"].split())] = result
-            response = text_ids(tokenizer, response_text(result))
+            response = tokenizer(response_text(result), add_special_tokens=False, split_special_tokens=True)["input_ids"]
             seq["ids"] += response[:max_new_tokens - len(seq["ids"])]
             if len(seq["ids"]) < max_new_tokens:
                 still.append(i)
