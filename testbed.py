@@ -185,9 +185,10 @@ def _tiny_bpe(vocab_size, tools=False):
 
     from calculator import synthetic_warmstart
     rows = synthetic_warmstart(64, seed=0)
-    if tools:   # tiny-tools: the tool prompt and calls too
-        from tools import synthetic_tool_traces
-        rows += synthetic_tool_traces(64, seed=0)
+    if tools:   # tiny-tools: the tool prompt and the calls, not the search lines (they split as with tiny)
+        from tools import TOOL_EXCHANGE, synthetic_tool_traces
+        rows += [{"query": r["query"], "completion": " ".join(TOOL_EXCHANGE.findall(r["completion"]))}
+                 for r in synthetic_tool_traces(64, seed=0)]
     chat = ["You are a helpful assistant.", "user", "assistant", "system", "Write a short answer.",
             "The quick brown fox jumps over the lazy dog.", "Thank you! Here is what I found:"]
     corpus = [r["query"] + r["completion"] for r in rows] * 4 + chat * 8

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tool use on the tiny model (spec §2.7), offline on a CPU: SFT on calculator traces → RLOO with the tool loop →
 # evaluation of both checkpoints with and without the loop. A variant of tiny_pipeline.sh, on `--model tiny-tools`
-# (the tiny model with a BPE that also learned the tool-call format: a call costs 11 tokens, not 69).
+# (the tiny model with a BPE that also learned the tool-call format: a call costs 11 tokens, not 69; the search
+# lines split into the same tokens as with `tiny`, so the two chains differ by the tool alone).
 #
 #   bash tiny_tools.sh                       # out/tiny-tools, seed 0
 #   bash tiny_tools.sh out/tiny-tools-s1 1   # another seed
@@ -26,7 +27,7 @@ if [ -e "$OUT" ]; then  # a run's directory is never reused: its checkpoints wou
   echo "tiny_tools.sh: $OUT exists: remove it, or give another directory (bash tiny_tools.sh out/tiny-tools-2)" >&2
   exit 2
 fi
-TOKENS=192  # completion budget, the harness's tokens included (a trace is 53–172 tokens of tiny-tools' BPE)
+TOKENS=192  # completion budget, the harness's tokens included (a trace is 59–184 tokens of tiny-tools' BPE)
 
 python sft.py --model tiny-tools --data synthetic --puzzles easy:sft --trace tools --synthetic-rows 20000 \
   --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \

@@ -22,6 +22,7 @@ from countdown_reward import evaluate_expression, warmstart_query
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 TOOL_RESPONSE = re.compile(f"({re.escape(RESPONSE_OPEN)}.*?{re.escape(RESPONSE_CLOSE)})", re.DOTALL)   # the harness's
+TOOL_EXCHANGE = re.compile(f"{re.escape(CALL_OPEN)}.*?{re.escape(RESPONSE_CLOSE)}", re.DOTALL)   # a call and its answer
 
 
 # ------------------------------------------------------------------------------------------- the tools

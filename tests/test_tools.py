@@ -249,5 +249,8 @@ def test_tiny_tools_learns_the_call_format_and_leaves_tiny_as_it_was(tokenizer):
     assert n(tiny_tools, call_text) <= 12 < 40 <= n(tokenizer, call_text)   # a call: a few tokens, as in Qwen2.5
     assert tiny_tools.decode(tiny_tools(call_text, add_special_tokens=False)["input_ids"]) == call_text
     assert len(tokenizer) == 671   # the tiny chain's tokenizer (and so every figure of tiny_pipeline.sh) is unchanged
+    line = "7 3: 10 4 21 -; 9: 27 45 - 4 - -; no.\n6 5: 11 1 30 -; 8: 30! 46 - - - -; 6 * 5 = 30, 30 + 8 = 38 "
+    pieces = lambda tok: [tok.decode([i]) for i in tok(line, add_special_tokens=False)["input_ids"]]
+    assert pieces(tiny_tools) == pieces(tokenizer)   # the search reads the same: the chains differ by the tool alone
     model = common.load_model("tiny-tools", tiny_tools)
     assert model.get_input_embeddings().weight.shape[0] > len(tiny_tools)
