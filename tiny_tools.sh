@@ -19,7 +19,7 @@ set -euo pipefail
 if [ -n "${QUICK:-}" ]; then
   SFT_STEPS=30 RL_STEPS=2 EVAL_N=8 DEFAULT_OUT=out/quick-tools
 else
-  SFT_STEPS=2000 RL_STEPS=120 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
+  SFT_STEPS=2000 RL_STEPS=100 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
 fi
 OUT=${1:-$DEFAULT_OUT}
 SEED=${2:-0}
