@@ -381,12 +381,12 @@ def search_completion(numbers, target, mark=True):
     """
     lines = []
     for y, z, x, makes, needs in search_pairs(numbers, target):
-        hit = next(iter(pair_hits(makes, needs)), None)
+        hits = pair_hits(makes, needs)
         line = pair_line(y, z, x, makes, needs, mark)
-        if hit is None:
+        if not hits:
             lines.append(f"{line} no.")
             continue
-        claim, tree = pair_claim(y, z, x, makes, needs, hit, target)
+        claim, tree = pair_claim(y, z, x, makes, needs, hits[0], target)
         lines.append(f"{line} {claim}, found it.")
         think = "\n".join(lines)
         return f"\n<think>\n{think}\n</think>\n<answer>{_checked(tree, target)}</answer>"

@@ -213,13 +213,12 @@ def slips(numbers, target):
         hits = pair_hits(makes, needs)
         before = hits[0] if hits else len(needs)   # a false hit must come before the line's true one
         made = [v for v in makes if v is not None]
-        for i in range(before):
+        for i in range(before):   # before the first hit, no needed value is one the pair makes
             if needs[i] is None:
                 continue
-            out += [(abs(m - needs[i]), (n, "needs", i, m)) for m in made if m != needs[i]]
-            if needs[i] not in makes:
-                out += [(abs(needs[i] - v), (n, "makes", j, needs[i])) for j, v in enumerate(makes)
-                        if v is not None and not (hits and v == needs[hits[0]])]
+            out += [(abs(m - needs[i]), (n, "needs", i, m)) for m in made]
+            out += [(abs(needs[i] - v), (n, "makes", j, needs[i])) for j, v in enumerate(makes)
+                    if v is not None and not (hits and v == needs[hits[0]])]
         if hits:
             return out
     return out
