@@ -244,7 +244,7 @@ def _token_logprobs(rows, weight, bias, targets, temperature):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
-             batch_size=64, stop_strings=()):
+             batch_size=64, stop_strings=(), respond=None):
     """Sample (temperature > 0) or decode greedily (temperature 0) a completion for each prompt.
 
     Returns a list of completion token lists, each cut after its first stop token (which is kept: it
@@ -252,14 +252,22 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     stop_strings (tools.py's `</tool_call>`) stop a completion too: after the token that completes one.
     Ids the tokenizer does not know (Qwen's embedding has ~270 spare rows) are never sampled.
     Runs under the trainers' autocast (bf16 or fp16 on CUDA), so fp32 training weights sample at bf16 speed.
+
+    respond (tools.tool_loop): a harness that writes between the model's pieces. respond(i, piece, stop) is called
+    when prompt i's piece (its tokens since the harness last wrote) ends on a stop token or string (stop True) or
+    on the budget; it returns the harness's tokens, which the model reads as context and goes on, or None: the
+    completion is over. The completion holds both. Sampled by `_decode_with_responses`, not transformers' generate.
     """
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopPLogitsWarper)
     stops = stop_token_ids(tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     unknown = list(range(len(tokenizer), vocab))
     device = next(model.parameters()).device
     device_type, dtype = device_and_dtype()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == device_type and dtype != torch.float32)
-    from transformers import GenerationConfig
     sample = temperature > 0  # every setting explicit: none inherited from a model's generation_config.json
     # (Qwen2.5-Instruct's asks for top_k 20, top_p 0.8, repetition_penalty 1.05); top_k 0 = off
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
@@ -267,6 +275,12 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None,
                               stop_strings=list(stop_strings) or None)
+    # the same settings as transformers' processors, for the loop with a harness
+    processors = LogitsProcessorList(
+        ([RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1 else [])
+        + ([SuppressTokensLogitsProcessor(unknown, device)] if unknown else [])
+        + ([TemperatureLogitsWarper(temperature)] if sample and temperature != 1 else [])
+        + ([TopPLogitsWarper(top_p)] if sample and top_p < 1 else []))
     completions, stopped = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False,
                       disable=len(prompt_ids) <= 4 * batch_size):
@@ -274,6 +288,13 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         width = max(map(len, batch))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        if respond is not None:
+            with autocast, torch.no_grad():
+                rows, ends = _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample,
+                                                    stop_strings, lambda i, *piece: respond(start + i, *piece))
+            completions += rows
+            stopped += ends
+            continue
         with autocast:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  tokenizer=tokenizer if stop_strings else None)
@@ -284,6 +305,54 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
             completions.append(row if end is None else row[:end + 1])
             stopped.append(end is not None)
     return completions, stopped
+
+
+def _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample, stop_strings, respond):
+    """generate's loop with a harness: one token per sequence per step over one KV cache, so no sequence waits for
+    another's piece and nothing is read twice. The harness's tokens are fed in one a step, as if sampled (what was
+    sampled for them is dropped); a finished sequence leaves the batch (and the cache)."""
+    from transformers import DynamicCache
+    stops = set(stop_token_ids(tokenizer))
+    window = max(map(len, stop_strings), default=0)   # a token writes ≥ 1 character: a stop string just completed
+    n = len(ids)                                      # lies within its last `window` tokens
+    rows, out, ends = list(range(n)), [[] for _ in range(n)], [False] * n
+    start, forced = [0] * n, [[] for _ in range(n)]   # each sequence's piece starts at out[start]; the harness's queue
+    cache, step_ids, positions = DynamicCache(), ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    while rows:
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       logits_to_keep=1).logits[:, -1].float()
+        scores = processors(ids, logits)
+        tokens = (torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)).tolist()
+        keep = []
+        for b, r in enumerate(rows):
+            harness = bool(forced[r])
+            token = tokens[b] = forced[r].pop(0) if harness else tokens[b]
+            out[r].append(token)
+            full = len(out[r]) == max_new_tokens
+            if harness:
+                keep += [b] * (not full)
+                continue
+            piece = out[r][start[r]:]
+            stop = token in stops or window > 0 and any(
+                s in tokenizer.decode(piece[-window:], skip_special_tokens=False) for s in stop_strings)
+            if not (stop or full):
+                keep.append(b)
+                continue
+            response = respond(r, piece, stop)   # the piece has ended: the harness reads it
+            if response is None or full:
+                ends[r] = stop
+                continue
+            forced[r], start[r] = list(response), len(out[r]) + len(response)
+            keep.append(b)
+        ids = torch.cat([ids, torch.tensor(tokens, device=ids.device)[:, None]], 1)
+        if len(keep) < len(rows):   # the finished leave the batch
+            index = torch.tensor(keep, dtype=torch.long, device=ids.device)
+            cache.batch_select_indices(index)
+            ids, mask, positions = ids[index], mask[index], positions[index]
+            rows = [rows[b] for b in keep]
+        step_ids, positions = ids[:, -1:], positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+    return out, ends
 
 
 def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):
@@ -307,7 +376,10 @@ def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilizat
             torch.set_num_threads(threads)
             return engine.generate, engine
     model = model if model is not None else load_model(path, tokenizer, seed=seed)
-    return (lambda ids, **kw: generate(model, tokenizer, ids, batch_size=batch_size, **kw)), None
+    def sample(ids, **kw):
+        return generate(model, tokenizer, ids, batch_size=batch_size, **kw)
+    sample.responds = True   # takes generate's `respond`: tools.tool_loop's harness runs between tokens, not rounds
+    return sample, None
 
 
 # ------------------------------------------------------------------------------ seeding, saving, logs

@@ -89,19 +89,48 @@ def response_text(result):
 # ------------------------------------------------------------------------------------------- the loop
 
 def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=("calculate",), **sampling):
-    """Sample every prompt's completion with tool calls run in between, all sequences of a round together.
+    """Sample every prompt's completion with tool calls run in between, all sequences together.
 
     sample(ids, max_new_tokens, stop_strings, **sampling) → (completions, stopped) is common.make_sampler's
-    sampler. A round samples each unfinished sequence up to the end of a call, a stop token or its budget;
-    a call is run and its response appended (cut to the budget); a sequence finishes on a stop token, a
-    budget spent, or a call beyond `max_calls` (it is not run). max_new_tokens counts every completion token,
-    the model's and the harness's.
+    sampler. A piece of the model's ends at the end of a call, a stop token or the budget; a call is run and its
+    response appended (cut to the budget); a sequence finishes on a stop token, a budget spent, or a call beyond
+    `max_calls` (it is not run). max_new_tokens counts every completion token, the model's and the harness's.
+    With transformers (`sample.responds`) the harness answers between tokens (common.generate's `respond`); with
+    vLLM in rounds: each round samples every unfinished sequence to the end of its piece (its prefix is cached).
 
     Returns one dict per prompt: "ids" (the completion: model and harness tokens), "spans" ([start, end) of
     the model's tokens within ids), "stopped" (ended on a stop token), "calls", "invalid" (calls that got an
     error), "checked" (expressions the calculator evaluated, with their results).
     """
     out = [{"ids": [], "spans": [], "stopped": False, "calls": 0, "invalid": 0, "checked": {}} for _ in prompt_ids]
+
+    def respond(i, piece, stop):
+        """Sequence i's piece has ended (stop: on a stop token or </tool_call>): the response's tokens, or None."""
+        seq = out[i]
+        seq["spans"].append((len(seq["ids"]), len(seq["ids"]) + len(piece)))
+        seq["ids"] += piece
+        text = tokenizer.decode(piece, skip_special_tokens=False)
+        if not stop or CALL_CLOSE not in text or len(seq["ids"]) >= max_new_tokens:
+            seq["stopped"] = bool(stop) and CALL_CLOSE not in text
+            return None
+        if seq["calls"] == max_calls:
+            return None
+        body = text[:text.rindex(CALL_CLOSE)]
+        body = body[body.rindex(CALL_OPEN) + len(CALL_OPEN):] if CALL_OPEN in body else None
+        result, valid = run_call(body, tools) if body is not None else (f"error: {CALL_CLOSE} without {CALL_OPEN}", False)
+        seq["calls"] += 1
+        seq["invalid"] += not valid
+        call = json.loads(body) if valid else None
+        if valid and call["name"] == "calculate":
+            seq["checked"][" ".join(call["arguments"]["expression"].split())] = result
+        response = tokenizer(response_text(result), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        response = response[:max_new_tokens - len(seq["ids"])]
+        seq["ids"] += response
+        return response if len(seq["ids"]) < max_new_tokens else None
+
+    if getattr(sample, "responds", False):
+        sample(prompt_ids, max_new_tokens=max_new_tokens, stop_strings=(CALL_CLOSE,), respond=respond, **sampling)
+        return out
     active = list(range(len(prompt_ids)))
     while active:
         budget = max(max_new_tokens - len(out[i]["ids"]) for i in active)
@@ -109,27 +138,8 @@ def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=
                                  stop_strings=(CALL_CLOSE,), **sampling)
         still = []
         for i, piece, stop in zip(active, pieces, stopped):
-            seq, room = out[i], max_new_tokens - len(out[i]["ids"])
-            piece, stop = piece[:room], stop and len(piece) <= room   # the round's budget is the largest: cut to this one
-            seq["spans"].append((len(seq["ids"]), len(seq["ids"]) + len(piece)))
-            seq["ids"] += piece
-            text = tokenizer.decode(piece, skip_special_tokens=False)
-            if not stop or CALL_CLOSE not in text or len(seq["ids"]) >= max_new_tokens:
-                seq["stopped"] = bool(stop) and CALL_CLOSE not in text
-                continue
-            if seq["calls"] == max_calls:
-                continue
-            body = text[:text.rindex(CALL_CLOSE)]
-            body = body[body.rindex(CALL_OPEN) + len(CALL_OPEN):] if CALL_OPEN in body else None
-            result, valid = run_call(body, tools) if body is not None else (f"error: {CALL_CLOSE} without {CALL_OPEN}", False)
-            seq["calls"] += 1
-            seq["invalid"] += not valid
-            call = json.loads(body) if valid else None
-            if valid and call["name"] == "calculate":
-                seq["checked"][" ".join(call["arguments"]["expression"].split())] = result
-            response = tokenizer(response_text(result), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            seq["ids"] += response[:max_new_tokens - len(seq["ids"])]
-            if len(seq["ids"]) < max_new_tokens:
+            room = max_new_tokens - len(out[i]["ids"])   # the round's budget is the largest: cut to this one's
+            if respond(i, piece[:room], stop and len(piece) <= room) is not None:
                 still.append(i)
         active = still
     return out

@@ -1,4 +1,5 @@
 """The tool loop (tools.py): the tools' answers, the loop's rounds, and masks that never score what the harness wrote."""
+import copy
 import json
 import re
 
@@ -116,6 +117,55 @@ def test_generate_stops_after_the_token_that_completes_a_stop_string(tokenizer, 
     cut, stopped = common.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0, stop_strings=(stop,))
     first = next(n for n in range(1, len(free[0]) + 1) if stop in tokenizer.decode(free[0][:n]))
     assert 3 < first < len(free[0]) and cut[0] == free[0][:first] and stopped == [True]
+
+
+@pytest.fixture(scope="module")
+def chaotic(model):
+    """The tiny model with large random weights: greedy text that varies with every token and position (the
+    fixture's small weights decode greedily to one repeated token, which no cache or position bug would change)."""
+    chaotic, generator = copy.deepcopy(model), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in chaotic.parameters():
+            p.normal_(0, 0.3, generator=generator) if p.ndim == 2 else None
+    return chaotic.eval()
+
+
+PROMPTS = ["Using the numbers [1, 2, 3], create", "a longer prompt, with more words", "x", "Using the numbers [4, 9]"]
+
+
+def test_generate_with_a_harness_samples_as_transformers_generate_does(tokenizer, chaotic):
+    # the harness's own decoding loop (common._decode_with_responses) with a harness that never writes: the same
+    # tokens as transformers' generate. Sampled (temperature, top-p, repetition penalty) from the same seed, the
+    # same draws while no sequence ends (one that ends leaves our batch, not generate's: the draws part); greedy,
+    # with one that ends early
+    prompts = [common.encode(tokenizer, p)["input_ids"] for p in PROMPTS]
+    free, _ = common.generate(chaotic, tokenizer, prompts, max_new_tokens=30, temperature=0)
+    stop = tokenizer.decode(free[2])[12:15]     # ends the third sequence early, and perhaps others
+    for settings, some in (({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3}, prompts[:2]),
+                           ({"temperature": 0, "repetition_penalty": 1.3}, prompts),
+                           ({"temperature": 0, "stop_strings": (stop,)}, prompts)):
+        torch.manual_seed(1)
+        ours = common.generate(chaotic, tokenizer, some, max_new_tokens=30, respond=lambda *_: None, **settings)
+        torch.manual_seed(1)
+        assert ours == common.generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
+        assert len(set(map(tuple, ours[0]))) == len(some)
+    assert ours[1][2] and 3 < len(ours[0][2]) < 30 and len(ours[0][0]) == 30
+
+
+def test_the_tool_loop_between_tokens_is_the_loop_in_rounds(tokenizer, chaotic, monkeypatch):
+    # greedy, the harness answering between tokens (one KV cache, a finished sequence leaving the batch) writes
+    # exactly what rounds write (each round re-reads its prefix): the same tokens, spans and calls. The model
+    # writes no calls: "the" stands for </tool_call>, a "call" without <tool_call> gets an error back
+    monkeypatch.setattr(tools, "CALL_CLOSE", "the")
+    sample, _ = common.make_sampler(tokenizer, "tiny", chaotic, use_vllm=False)
+    assert sample.responds
+    prompts = [common.encode(tokenizer, p)["input_ids"] for p in PROMPTS]
+    between = tools.tool_loop(sample, tokenizer, prompts, max_new_tokens=240, max_calls=2, temperature=0)
+    rounds = tools.tool_loop(lambda ids, **kw: sample(ids, **kw), tokenizer, prompts, max_new_tokens=240, max_calls=2,
+                             temperature=0)
+    assert between == rounds
+    assert [r["calls"] for r in rounds] == [2] * 4 and all(len(r["spans"]) == 3 for r in rounds)
+    assert len({len(r["ids"]) for r in rounds}) == 4 and max(len(r["ids"]) for r in rounds) < 240   # the third call ends each
 
 
 # ------------------------------------------------------------------------------------------- masks
