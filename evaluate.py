@@ -12,7 +12,8 @@ Countdown: per prompt the scores 0 / 0.1 / 1 of compute_score (a bare response s
 evaluation did); mean score, accuracy (share of 1.0), format rate (share > 0), pass@k by the unbiased
 estimator 1 − C(n−c, k)/C(n, k), each with a 95% interval. Best-of-N (keep the sample the rule
 verifier scores highest) and tool-augmented numbers go in their own labelled rows, never mixed with
-model-only ones. Writes results.json, results.md, per_prompt.jsonl and leaderboard.jsonl to --out-dir.
+model-only ones. Writes results.json, results.md, per_prompt.jsonl and leaderboard.jsonl to --out-dir
+(and per_prompt_tools.jsonl with --tools).
 
 UltraFeedback: the policy and the reference model answer the same prompts with the same sampling
 settings and the same chat template; a judge scores both; win rate = wins / prompts (spec §1.5: a tie
@@ -190,7 +191,7 @@ def countdown(args, out_dir):
                      **settings(args, args.temperature, args.samples), **countdown_metrics(tool_scores)})
 
     if args.tools and sample:
-        rows.append(tool_loop_row(sample, tokenizer, puzzles, args))
+        rows.append(tool_loop_row(sample, tokenizer, puzzles, args, out_dir))
 
     with open(out_dir / "per_prompt.jsonl", "w") as f:
         for p, rs, ss in zip(puzzles, responses, scores):
@@ -203,11 +204,12 @@ def countdown(args, out_dir):
     return rows, {"prompts": len(puzzles), "source": source}
 
 
-def tool_loop_row(sample, tokenizer, puzzles, args):
-    """The tool loop's row: the tools in the prompt, calls run between rounds (tools.tool_loop). Beside the score:
-    calls per answer, the share of answers that called a tool, invalid calls per answer, and the share of answers
-    written without checking (of all responses: an answer the calculator never confirmed, neither its value as the
-    target nor its value minus the target as 0: tools.uses_tool_answer)."""
+def tool_loop_row(sample, tokenizer, puzzles, args, out_dir=None):
+    """The tool loop's row: the tools in the prompt, calls run as the model writes them (tools.tool_loop). Beside the
+    score: calls per answer, the share of answers that called a tool, invalid calls per answer, and the share of
+    answers written without checking (of all responses: an answer the calculator never confirmed, neither its value
+    as the target nor its value minus the target as 0: tools.uses_tool_answer). With out_dir, every response (the
+    harness's text in it), its score, calls and checks go to per_prompt_tools.jsonl."""
     try:
         names = tool_names(args.tools)
     except ValueError as e:
@@ -220,6 +222,13 @@ def tool_loop_row(sample, tokenizer, puzzles, args):
     texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in runs]
     scores = [score_response(t, p) for t, p in zip(texts, prompts)]
     unchecked = [s > 0 and not uses_tool_answer(t, r["checked"], p["target"]) for s, t, r, p in zip(scores, texts, runs, prompts)]
+    if out_dir is not None:
+        with open(Path(out_dir) / "per_prompt_tools.jsonl", "w") as f:
+            for n, p in enumerate(puzzles):
+                mine = range(n * args.samples, (n + 1) * args.samples)
+                f.write(json.dumps({"nums": p["nums"], "target": p["target"], "responses": [texts[i] for i in mine],
+                                    "scores": [scores[i] for i in mine], "calls": [runs[i]["calls"] for i in mine],
+                                    "checked": [runs[i]["checked"] for i in mine]}) + "\n")
     per_prompt = lambda values: np.asarray(values, dtype=float).reshape(len(puzzles), args.samples)
     return {"label": f"tool loop ({', '.join(names)}; ≤ {args.max_calls} calls)",
             **settings(args, args.temperature, args.samples), **countdown_metrics(per_prompt(scores)),

@@ -239,13 +239,17 @@ def test_rloo_with_tools_scores_only_the_model_s_tokens(tokenizer, tmp_path, mon
     assert logged["calls"] == 1 and logged["invalid"] == 0
 
 
-def test_evaluate_reports_calls_and_unchecked_answers(tokenizer):
+def test_evaluate_reports_calls_and_unchecked_answers(tokenizer, tmp_path):
     puzzles = [{"nums": [6, 7, 1], "target": 42}]
     args = evaluate.Args(tools="calculate", max_calls=4, samples=2, max_new_tokens=400, temperature=1.0)
     checked, _ = scripted(tokenizer, [f" {tools.CALL_OPEN}{call('6 * 7 * 1')}{tools.CALL_CLOSE}",
                                       "\n</think>\n<answer>6 * 7 * 1</answer>!"])
-    row = evaluate.tool_loop_row(checked, tokenizer, puzzles, args)
+    row = evaluate.tool_loop_row(checked, tokenizer, puzzles, args, out_dir=tmp_path)
     assert row["acc"][0] == 1 and row["calls"][0] == 1 and row["used tool"][0] == 1 and row["unchecked answers"][0] == 0
+    kept, = [json.loads(line) for line in (tmp_path / "per_prompt_tools.jsonl").read_text().splitlines()]
+    written = f" {tools.CALL_OPEN}{call('6 * 7 * 1')}{tools.CALL_CLOSE}<tool_response>42</tool_response>\n</think>\n<answer>6 * 7 * 1</answer>"
+    assert kept == {"nums": [6, 7, 1], "target": 42, "responses": [written] * 2, "scores": [1.0] * 2, "calls": [1] * 2,
+                    "checked": [{"6 * 7 * 1": "42"}] * 2}
     for expression in ("6 * 7 * 1 - 42", "6 * 7 * 1 - 41"):   # the trace's check (0: a hit); a check that said 1 is none
         minus, _ = scripted(tokenizer, [f" {tools.CALL_OPEN}{call(expression)}{tools.CALL_CLOSE}",
                                         "\n</think>\n<answer>6 * 7 * 1</answer>!"])
