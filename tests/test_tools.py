@@ -1,4 +1,5 @@
-"""The tool loop (tools.py): the tools' answers, the loop's rounds, and masks that never score what the harness wrote."""
+"""The tool loop (tools.py): the tools' answers, the loop in rounds and between tokens, masks that never score
+what the harness wrote."""
 import copy
 import json
 import re
@@ -247,7 +248,8 @@ def test_evaluate_reports_calls_and_unchecked_answers(tokenizer, tmp_path):
     row = evaluate.tool_loop_row(checked, tokenizer, puzzles, args, out_dir=tmp_path)
     assert row["acc"][0] == 1 and row["calls"][0] == 1 and row["used tool"][0] == 1 and row["unchecked answers"][0] == 0
     kept, = [json.loads(line) for line in (tmp_path / "per_prompt_tools.jsonl").read_text().splitlines()]
-    written = f" {tools.CALL_OPEN}{call('6 * 7 * 1')}{tools.CALL_CLOSE}<tool_response>42</tool_response>\n</think>\n<answer>6 * 7 * 1</answer>"
+    written = (f" {tools.CALL_OPEN}{call('6 * 7 * 1')}{tools.CALL_CLOSE}<tool_response>42</tool_response>"
+               "\n</think>\n<answer>6 * 7 * 1</answer>")
     assert kept == {"nums": [6, 7, 1], "target": 42, "responses": [written] * 2, "scores": [1.0] * 2, "calls": [1] * 2,
                     "checked": [{"6 * 7 * 1": "42"}] * 2}
     for expression in ("6 * 7 * 1 - 42", "6 * 7 * 1 - 41"):   # the trace's check (0: a hit); a check that said 1 is none
