@@ -289,7 +289,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         if respond is not None:
-            with autocast, torch.no_grad():
+            with autocast:
                 rows, ends = _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample,
                                                     stop_strings, lambda i, *piece: respond(start + i, *piece))
             completions += rows
@@ -310,7 +310,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
 def _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample, stop_strings, respond):
     """generate's loop with a harness: one token per sequence per step over one KV cache, so no sequence waits for
     another's piece and nothing is read twice. The harness's tokens are fed in one a step, as if sampled (what was
-    sampled for them is dropped); a finished sequence leaves the batch (and the cache)."""
+    sampled for them is dropped); a finished sequence leaves the batch (and the cache). Under generate's no_grad."""
     from transformers import DynamicCache
     stops = set(stop_token_ids(tokenizer))
     window = max(map(len, stop_strings), default=0)   # a token writes ≥ 1 character: a stop string just completed
@@ -330,7 +330,8 @@ def _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processo
             out[r].append(token)
             full = len(out[r]) == max_new_tokens
             if harness:
-                keep += [b] * (not full)
+                if not full:
+                    keep.append(b)
                 continue
             piece = out[r][start[r]:]
             stop = token in stops or window > 0 and any(
