@@ -259,9 +259,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     completion is over. The completion holds both. Sampled by `_decode_with_responses`, not transformers' generate.
     """
     from transformers import GenerationConfig
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopPLogitsWarper)
     stops = stop_token_ids(tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     unknown = list(range(len(tokenizer), vocab))
@@ -275,12 +272,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=unknown or None,
                               stop_strings=list(stop_strings) or None)
-    # the same settings as transformers' processors, for the loop with a harness
-    processors = LogitsProcessorList(
-        ([RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1 else [])
-        + ([SuppressTokensLogitsProcessor(unknown, device)] if unknown else [])
-        + ([TemperatureLogitsWarper(temperature)] if sample and temperature != 1 else [])
-        + ([TopPLogitsWarper(top_p)] if sample and top_p < 1 else []))
     completions, stopped = [], []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False,
                       disable=len(prompt_ids) <= 4 * batch_size):
@@ -290,8 +281,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         if respond is not None:
             with autocast:
-                rows, ends = _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample,
-                                                    stop_strings, lambda i, *piece: respond(start + i, *piece))
+                rows, ends = _decode_with_responses(model, tokenizer, ids, mask, config,
+                                                    lambda i, *piece: respond(start + i, *piece))
             completions += rows
             stopped += ends
             continue
@@ -307,12 +298,22 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     return completions, stopped
 
 
-def _decode_with_responses(model, tokenizer, ids, mask, max_new_tokens, processors, sample, stop_strings, respond):
+def _decode_with_responses(model, tokenizer, ids, mask, config, respond):
     """generate's loop with a harness: one token per sequence per step over one KV cache, so no sequence waits for
     another's piece and nothing is read twice. The harness's tokens are fed in one a step, as if sampled (what was
-    sampled for them is dropped); a finished sequence leaves the batch (and the cache). Under generate's no_grad."""
+    sampled for them is dropped); a finished sequence leaves the batch (and the cache). Under generate's no_grad.
+    The logits go through transformers' own processors, built from generate's GenerationConfig: the same sampling."""
     from transformers import DynamicCache
-    stops = set(stop_token_ids(tokenizer))
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopPLogitsWarper)
+    c, sample = config, config.do_sample
+    processors = LogitsProcessorList(
+        ([RepetitionPenaltyLogitsProcessor(c.repetition_penalty)] if c.repetition_penalty != 1 else [])
+        + ([SuppressTokensLogitsProcessor(c.suppress_tokens, ids.device)] if c.suppress_tokens else [])
+        + ([TemperatureLogitsWarper(c.temperature)] if sample and c.temperature != 1 else [])
+        + ([TopPLogitsWarper(c.top_p)] if sample and c.top_p < 1 else []))
+    stops, stop_strings, max_new_tokens = set(c.eos_token_id), c.stop_strings or (), c.max_new_tokens
     window = max(map(len, stop_strings), default=0)   # a token writes ≥ 1 character: a stop string just completed
     n = len(ids)                                      # lies within its last `window` tokens
     rows, out, ends = list(range(n)), [[] for _ in range(n)], [False] * n
