@@ -19,7 +19,7 @@ set -euo pipefail
 if [ -n "${QUICK:-}" ]; then
   SFT_STEPS=30 RL_STEPS=2 EVAL_N=8 DEFAULT_OUT=out/quick-tools
 else
-  SFT_STEPS=2000 RL_STEPS=100 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
+  SFT_STEPS=3000 RL_STEPS=100 EVAL_N=500 DEFAULT_OUT=out/tiny-tools
 fi
 OUT=${1:-$DEFAULT_OUT}
 SEED=${2:-0}
@@ -33,7 +33,7 @@ python sft.py --model tiny-tools --data synthetic --puzzles easy:sft --trace too
   --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
   --save-every 1000 --seed $SEED --out-dir $OUT/sft
 
-python rloo.py --model $OUT/sft --puzzles easy:train --tools calculate --max-calls 4 --k 8 --prompts-per-step 16 \
+python rloo.py --model $OUT/sft --puzzles easy:train --tools calculate --max-calls 4 --k 8 --prompts-per-step 8 \
   --micro-prompts 8 --lr 3e-5 --kl-coef 0 --temperature 1.0 --max-new-tokens $TOKENS --steps $RL_STEPS \
   --eval-every 0 --sample-every 50 --log-every 10 --save-every 1000 --seed $SEED --out-dir $OUT/rloo
 
