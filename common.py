@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
-from tools import TOOL_RESPONSE, stop_string_end
+from tools import TOOL_RESPONSE
 from distributed import (all_rng_states, all_sum, barrier, end_processes, my_share, rank_and_world,  # noqa: F401
                          restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
                          sync_if, training_forward)  # noqa: F401
@@ -38,10 +38,19 @@ SYSTEM_PROMPT = "You are a helpful assistant."  # the one system turn of every c
 
 def device_and_dtype():
     """(device, compute dtype): cuda + bf16 where the card computes in it (Ampere and newer), cuda + fp16 on older
-    cards (Colab's T4, V100), else cpu + fp32. Trainers keep fp32 weights and autocast to this dtype."""
+    cards (Colab's T4, V100); cpu + bf16 where the CPU computes in it (AMX tiles or AVX-512 BF16), else cpu + fp32:
+    elsewhere bf16 is emulated (an AVX2 EPYC: 1 GFLOP/s against 159 in fp32). RL_CPU_BF16=0 or 1 overrides the
+    CPU's choice (the tests set 0: the same arithmetic on every machine). Trainers keep fp32 weights and autocast."""
     if not torch.cuda.is_available():
-        return "cpu", torch.float32
+        forced = os.environ.get("RL_CPU_BF16", "")
+        bf16 = forced == "1" if forced in ("0", "1") else cpu_computes_bf16()
+        return "cpu", torch.bfloat16 if bf16 else torch.float32
     return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def cpu_computes_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware: Intel's AMX tiles (Sapphire Rapids on), AVX-512 BF16."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def mixed_precision(device, dtype):
@@ -95,13 +104,32 @@ def load_model(name=QWEN, tokenizer=None, dtype=None, device=None, seed=0, rewar
     if device == "cpu" and name not in testbed.NAMES:
         for param in model.parameters():   # own, aligned memory: loaded tensors are views into the file's buffer at
             param.data = param.data.clone()  # any offset, and CPU kernels round differently on unaligned data
+    config = model.config
+    if device == "cpu" and getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+        AttentionInterface.register("sdpa_gqa", _sdpa_gqa)
+        AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)   # the masks "sdpa" gets (padding included)
+        model.set_attn_implementation("sdpa_gqa")
     return model.to(device).eval()
 
 
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **_):
+    """transformers' "sdpa" attention without copying the key/value heads of grouped-query attention: with a padding
+    mask it repeats them (repeat_kv) before calling SDPA, which on the CPU makes decoding 2.5× slower (SmolLM2-135M,
+    64 prompts; `python bench/step_cost.py`); torch's SDPA reads the groups in place (enable_gqa). The CPU's only."""
+    causal = query.shape[2] > 1 and attention_mask is None and (is_causal if is_causal is not None else module.is_causal)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def stop_token_ids(tokenizer):
-    """Token ids that end a completion: <|im_end|> and <|endoftext|> (Qwen's EOS and pad)."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+    """Token ids that end a completion: the EOS, <|im_end|> and <|endoftext|> (Qwen's EOS and pad), those the
+    tokenizer has (SmolLM2's <|endoftext|> is also its unknown token: a real token, and a stop)."""
+    ids = {tokenizer.convert_tokens_to_ids(t): t for t in (IM_END, END_OF_TEXT)}
+    real = [i for i, t in ids.items() if i is not None and tokenizer.convert_ids_to_tokens(i) == t]
+    return sorted({tokenizer.eos_token_id, *real} - {None})
 
 
 # ------------------------------------------------------------------------------------- tokenisation
@@ -256,7 +284,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
     respond (tools.tool_loop): a harness that writes between the model's pieces. respond(i, piece, stop) is called
     when prompt i's piece (its tokens since the harness last wrote) ends on a stop token or string (stop True) or
     on the budget; it returns the harness's tokens, which the model reads as context and goes on, or None: the
-    completion is over. The completion holds both. Sampled by `_decode_with_responses`, not transformers' generate.
+    completion is over. The completion holds both.
     """
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer)
@@ -279,30 +307,21 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_
         width = max(map(len, batch))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        if respond is not None:
-            with autocast:
-                rows, ends = _decode_with_responses(model, tokenizer, ids, mask, config,
-                                                    lambda i, *piece: respond(start + i, *piece))
-            completions += rows
-            stopped += ends
-            continue
+        harness = (lambda i, *piece: respond(start + i, *piece)) if respond is not None else lambda *_: None
         with autocast:
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 tokenizer=tokenizer if stop_strings else None)
-        for row in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            if stop_strings:
-                end = stop_string_end(tokenizer, row[:None if end is None else end + 1], stop_strings, end)
-            completions.append(row if end is None else row[:end + 1])
-            stopped.append(end is not None)
+            rows, ends = _decode(model, tokenizer, ids, mask, config, harness)
+        completions += rows
+        stopped += ends
     return completions, stopped
 
 
-def _decode_with_responses(model, tokenizer, ids, mask, config, respond):
-    """generate's loop with a harness: one token per sequence per step over one KV cache, so no sequence waits for
-    another's piece and nothing is read twice. The harness's tokens are fed in one a step, as if sampled (what was
-    sampled for them is dropped); a finished sequence leaves the batch (and the cache). Under generate's no_grad.
-    The logits go through transformers' own processors, built from generate's GenerationConfig: the same sampling."""
+def _decode(model, tokenizer, ids, mask, config, respond):
+    """transformers' generate loop, with two savings and a harness: identical prompts (RLOO's K samples, DPO's pair
+    samples) are read once, their cache copied out to every row; a finished sequence leaves the batch (and the
+    cache); one token per sequence per step over one KV cache, the harness's tokens fed in one a step, as if sampled
+    (what was sampled for them is dropped), so no sequence waits for another's piece and nothing is read twice.
+    The logits go through transformers' own processors, built from generate's GenerationConfig: the same sampling
+    (tests/test_tools.py holds it to transformers' tokens). Under generate's no_grad."""
     from transformers import DynamicCache
     from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                                         SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
@@ -318,10 +337,19 @@ def _decode_with_responses(model, tokenizer, ids, mask, config, respond):
     n = len(ids)                                      # lies within its last `window` tokens
     rows, out, ends = list(range(n)), [[] for _ in range(n)], [False] * n
     start, forced = [0] * n, [[] for _ in range(n)]   # each sequence's piece starts at out[start]; the harness's queue
-    cache, step_ids, positions = DynamicCache(), ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = {}                                        # the first row of each distinct prompt, in order
+    copy_of = torch.tensor([first.setdefault((tuple(i), tuple(m)), r) for r, (i, m) in
+                            enumerate(zip(ids.tolist(), mask.tolist()))], device=ids.device)
+    distinct = torch.tensor(sorted(first.values()), device=ids.device)
+    cache = DynamicCache()
+    logits = model(input_ids=ids[distinct], attention_mask=mask[distinct], position_ids=positions[distinct],
+                   past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+    if len(distinct) < n:   # the prefill's results, copied out to the rows that share a prompt
+        where = torch.searchsorted(distinct, copy_of)
+        cache.batch_select_indices(where)
+        logits = logits[where]
     while rows:
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       logits_to_keep=1).logits[:, -1].float()
         scores = processors(ids, logits)
         tokens = (torch.multinomial(scores.softmax(-1), 1)[:, 0] if sample else scores.argmax(-1)).tolist()
         keep = []
@@ -347,13 +375,17 @@ def _decode_with_responses(model, tokenizer, ids, mask, config, respond):
             forced[r], start[r] = list(response), len(out[r]) + len(response)
             keep.append(b)
         ids = torch.cat([ids, torch.tensor(tokens, device=ids.device)[:, None]], 1)
+        if not keep:
+            break
         if len(keep) < len(rows):   # the finished leave the batch
             index = torch.tensor(keep, dtype=torch.long, device=ids.device)
             cache.batch_select_indices(index)
             ids, mask, positions = ids[index], mask[index], positions[index]
             rows = [rows[b] for b in keep]
-        step_ids, positions = ids[:, -1:], positions[:, -1:] + 1
+        positions = positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       logits_to_keep=1).logits[:, -1].float()
     return out, ends
 
 

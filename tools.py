@@ -145,21 +145,6 @@ def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=
     return out
 
 
-def stop_string_end(tokenizer, row, stop_strings, end):
-    """The index of the token of `row` that completes the first of stop_strings (common.generate stops there, as
-    vLLM does), else `end`: a binary search over decoded prefixes, which hold a stop string from that token on."""
-    def holds(n):
-        text = tokenizer.decode(row[:n], skip_special_tokens=False)
-        return any(s in text for s in stop_strings)
-    if not holds(len(row)):
-        return end
-    low, high = 1, len(row)   # holds(high); find the least n with holds(n)
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if holds(mid) else (mid + 1, high)
-    return low - 1
-
-
 # ------------------------------------------------------------------------------------ Countdown with tools
 
 def tool_query(numbers, target, tools=("calculate",)):

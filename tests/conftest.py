@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download: a stray hub call fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["RL_CPU_BF16"] = "0"   # fp32 on every CPU, AMX or not: the same arithmetic, and tolerances, on every machine
 
 import pytest
 import torch

@@ -134,23 +134,53 @@ def chaotic(model):
 PROMPTS = ["Using the numbers [1, 2, 3], create", "a longer prompt, with more words", "x", "Using the numbers [4, 9]"]
 
 
-def test_generate_with_a_harness_samples_as_transformers_generate_does(tokenizer, chaotic):
-    # the harness's own decoding loop (common._decode_with_responses) with a harness that never writes: the same
-    # tokens as transformers' generate. Sampled (temperature, top-p, repetition penalty) from the same seed, the
-    # same draws while no sequence ends (one that ends leaves our batch, not generate's: the draws part); greedy,
-    # with one that ends early
+def transformers_generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0,
+                          repetition_penalty=1.0, stop_strings=()):
+    """transformers' own generate, as common.generate asks for it (left padding, every setting explicit), each row cut
+    after its first stop token, or after the token that completes a stop string: the reference."""
+    from transformers import GenerationConfig
+    stops, sample = common.stop_token_ids(tokenizer), temperature > 0
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
+                              top_p=top_p if sample else 1.0, top_k=0 if sample else 50, eos_token_id=stops,
+                              repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                              suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)) or None,
+                              stop_strings=list(stop_strings) or None)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer)
+    completions, stopped = [], []
+    for row in out[:, width:].tolist():
+        ends = [n for n in range(1, len(row) + 1) if row[n - 1] in stops
+                or any(s in tokenizer.decode(row[:n]) for s in stop_strings)]
+        completions.append(row[:ends[0]] if ends else row)
+        stopped.append(bool(ends))
+    return completions, stopped
+
+
+def test_generate_samples_as_transformers_generate_does(tokenizer, chaotic):
+    # our decoding loop (common._decode: one KV cache, a finished sequence leaving the batch, a harness that may
+    # write between tokens) against transformers' generate: the same tokens. Sampled (temperature, top-p, repetition
+    # penalty) from the same seed, the same draws while no sequence ends (one that ends leaves our batch, not
+    # generate's: the draws part); greedy, with one that ends early; a prompt given twice is read once, and both
+    # copies continue as generate continues them
     prompts = [common.encode(tokenizer, p)["input_ids"] for p in PROMPTS]
-    free, _ = common.generate(chaotic, tokenizer, prompts, max_new_tokens=30, temperature=0)
+    free, _ = transformers_generate(chaotic, tokenizer, prompts, max_new_tokens=30, temperature=0)
     stop = tokenizer.decode(free[2])[12:15]     # ends the third sequence early, and perhaps others
     for settings, some in (({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3}, prompts[:2]),
                            ({"temperature": 0, "repetition_penalty": 1.3}, prompts),
-                           ({"temperature": 0, "stop_strings": (stop,)}, prompts)):
+                           ({"temperature": 0, "stop_strings": (stop,)}, prompts),
+                           ({"temperature": 0}, [prompts[0], prompts[1], prompts[0], prompts[0]])):
         torch.manual_seed(1)
-        ours = common.generate(chaotic, tokenizer, some, max_new_tokens=30, respond=lambda *_: None, **settings)
+        ours = common.generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
         torch.manual_seed(1)
-        assert ours == common.generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
-        assert len(set(map(tuple, ours[0]))) == len(some)
-    assert ours[1][2] and 3 < len(ours[0][2]) < 30 and len(ours[0][0]) == 30
+        assert ours == transformers_generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
+        assert len(set(map(tuple, ours[0]))) == len(set(map(tuple, some)))
+        if "stop_strings" in settings:
+            assert ours[1][2] and 3 < len(ours[0][2]) < 30 and len(ours[0][0]) == 30
+    torch.manual_seed(1)
+    sampled, _ = common.generate(chaotic, tokenizer, [prompts[0]] * 3, max_new_tokens=30, temperature=1.0)
+    assert len(set(map(tuple, sampled))) == 3    # copies of a prompt share its prefill, not their draws
 
 
 def test_the_tool_loop_between_tokens_is_the_loop_in_rounds(tokenizer, chaotic, monkeypatch):

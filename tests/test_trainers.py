@@ -104,6 +104,17 @@ def test_the_compute_dtype_follows_the_card(cuda, bf16, expected, monkeypatch):
     assert common.device_and_dtype() == expected
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, forced, expected", [
+    (False, False, "", torch.float32), (True, False, "", torch.bfloat16), (False, True, "", torch.bfloat16),
+    (True, True, "0", torch.float32), (False, False, "1", torch.bfloat16)])
+def test_the_cpu_autocasts_to_bf16_only_where_it_computes_in_bf16(amx, avx512_bf16, forced, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setenv("RL_CPU_BF16", forced)
+    assert common.device_and_dtype() == ("cpu", expected)
+
+
 @pytest.mark.parametrize("trainer", RUNS)
 def test_fp16_trains_with_loss_scaling_and_says_so(trainer, tmp_path, monkeypatch, capsys):
     module, args = RUNS[trainer]
