@@ -22,6 +22,7 @@ Speed (bench/countdown_speed.py, 2 CPU cores): p99 under 3 ms on course-shaped p
 """
 import argparse
 import ast
+import itertools
 import json
 import math
 import operator
@@ -429,7 +430,63 @@ def expression_text(tree, target):
     return _checked(tree, target) or _format(tree)[0]
 
 
-TRACES = ("attempts", "search", "search-unmarked", "search-mixed")
+def sums_completion(numbers, target):
+    """A completion that finds a + / − answer by arithmetic a small model can do (any count of numbers):
+    add every number, and the excess over the target is twice what the numbers taken away add up to:
+        <think>
+        75 + 8 = 83, 83 + 45 = 128, 128 + 16 = 144, 144 - 96 = 48, 48 / 2 = 24: take away numbers that add up to 24.
+        75 + 8 = 83, 75 + 45 = 120, 75 + 16 = 91, 8 + 45 = 53, 8 + 16 = 24, found it: 75 + 45 - 8 - 16 = 96.
+        </think>
+        <answer>75 + 45 - 8 - 16</answer>
+    A single number is compared at sight ("24 is one of the numbers"); then pairs, then threes, in the prompt's
+    order, until one adds up. Complete for + and −: it answers with them exactly when some signs reach the target.
+    Puzzles that need × or ÷ (about one in eight of 3to4's) say why the sums fail, then give the solver's answer's
+    steps, as the "attempts" trace does. None if the puzzle has no answer at all.
+    """
+    nums, t = [int(n) for n in numbers], int(target)
+    total, excess = sum(nums), sum(nums) - t
+    partial = [sum(nums[:i + 1]) for i in range(len(nums))]   # one addition at a time: 22 + 33 = 55, 55 + 71 = 126
+    head = ", ".join(f"{a} + {b} = {c}" for a, b, c in zip(partial, nums[1:], partial[1:]))
+    found = None
+    if excess == 0:
+        think = f"{head}, found it."
+        found = ()
+    elif excess < 0:
+        think = f"{head}, less than {t}: + and - cannot reach it."
+    elif excess % 2:
+        think = f"{head}, {total} - {t} = {excess}, which is odd: + and - cannot reach it."
+    else:
+        half = excess // 2
+        think = f"{head}, {total} - {t} = {excess}, {excess} / 2 = {half}: take away numbers that add up to {half}."
+        if half in nums:
+            found = (nums.index(half),)
+            think += f"\n{half} is one of the numbers, found it"
+        else:
+            tries = []
+            for size in range(2, len(nums)):
+                for group in itertools.combinations(range(len(nums)), size):
+                    value = sum(nums[i] for i in group)
+                    tries.append(f"{' + '.join(str(nums[i]) for i in group)} = {value}")
+                    if value == half:
+                        found = group
+                        break
+                if found:
+                    break
+            think += "\n" + ", ".join(tries) + (", found it" if found else f", none adds up to {half}.")
+    if found is not None:
+        kept = [str(n) for i, n in enumerate(nums) if i not in found]
+        answer = " + ".join(kept) + "".join(f" - {nums[i]}" for i in found)
+        if found:
+            think += f": {answer} = {t}."
+        return f"\n<think>\n{think}\n</think>\n<answer>{answer}</answer>"
+    expression = solve(nums, t)
+    if expression is None:
+        return None
+    think += f"\n{', '.join(solution_steps(expression))}, found it."
+    return f"\n<think>\n{think}\n</think>\n<answer>{expression}</answer>"
+
+
+TRACES = ("attempts", "search", "search-unmarked", "search-mixed", "sums")
 MIXED_MARKED = 0.25  # "search-mixed": the share of rows whose search carries the "!" marks (README compares 0.25 and 0.75)
 
 
@@ -440,7 +497,8 @@ def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
     solution (warmstart_completion). "search": a complete search, one line per pair of numbers
     (search_completion; 3-number shapes only, such as easy). "search-unmarked": the same search
     without the "!" marks, so a hit is seen only by comparing the two lists. "search-mixed": a coin
-    per row, marked with probability MIXED_MARKED: two ways to the verdict, for RL to choose between.
+    per row, marked with probability MIXED_MARKED: two ways to the verdict, for RL to choose between. "sums": add
+    every number, then find the numbers to take away (sums_completion; any count of numbers, as 3to4 needs).
     """
     if trace not in TRACES:
         raise ValueError(f"trace {trace!r}: use one of {', '.join(TRACES)}")
@@ -449,6 +507,8 @@ def synthetic_warmstart(n, seed, shape="3to4", max_wrong=2, trace="attempts"):
         if trace.startswith("search"):
             mark = trace == "search" or (trace == "search-mixed" and rng.random() < MIXED_MARKED)
             completion = search_completion(p["nums"], p["target"], mark=mark)
+        elif trace == "sums":
+            completion = sums_completion(p["nums"], p["target"])
         else:
             completion = warmstart_completion(solve(p["nums"], p["target"]), p["nums"], p["target"],
                                               wrong=rng.randint(0, max_wrong), rng=rng)
@@ -471,7 +531,7 @@ def main(argv=None):
     parser.add_argument("--shape", default="3to4", help="puzzle shape for --warmstart: 3to4, easy, course (:train/:test/:sft/:rl)")
     parser.add_argument("--trace", default="attempts", choices=TRACES,
                         help="--warmstart traces: attempts (guesses, then the solution), search, "
-                             "search-unmarked or search-mixed (3 numbers)")
+                             "search-unmarked or search-mixed (3 numbers), sums (+ and - first, any count)")
     args = parser.parse_args(argv)
 
     def fail(message):

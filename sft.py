@@ -53,8 +53,9 @@ class Args:
     save_every: int = 200             # steps between checkpoints (a crash loses at most this many)
     synthetic_rows: int = 2000        # rows of --data synthetic (calculator.synthetic_warmstart)
     puzzles: str = "3to4:train"       # puzzle shape of --data synthetic: 3to4, easy, course (:train/:test/:sft/:rl)
-    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | search | search-unmarked |
-                                      # search-mixed | tools (the search, each hit checked with the calculator) | tools-solve
+    trace: str = "attempts"           # --data synthetic: attempts (guesses, then the solution) | sums (+ and − by sums, any
+                                      # count of numbers) | search | search-unmarked | search-mixed (3 numbers) | tools
+                                      # (the search, each hit checked with the calculator) | tools-solve
     seed: int = 0                     # seeds data order, model init (tiny) and sampling
     resume: bool = False              # continue from out_dir's newest checkpoint
     gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from calculator import (MIXED_MARKED, make_puzzles, puzzles_from_spec, search_completion, solution_steps, solve,
-                        synthetic_warmstart)
+                        sums_completion, synthetic_warmstart)
 from countdown_reward import score_response, warmstart_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +217,38 @@ def test_search_traces_are_honest():
                     "/": Fraction(u) / Fraction(v)}[op] == Fraction(value), line
         assert steps[1].endswith(f"= {t}")
         assert score_response(row["completion"], {"target": t, "nums": row["nums"]}) == 1.0
+
+
+def test_sums_trace_by_hand():
+    # 75 + 8 + 45 + 16 = 144 exceeds 96 by 48: the numbers taken away add up to 24. No single number is 24;
+    # pairs in the prompt's order: 75 + 8, 75 + 45, 75 + 16, 8 + 45, then 8 + 16 = 24.
+    assert sums_completion([75, 8, 45, 16], 96) == (
+        "\n<think>\n75 + 8 = 83, 83 + 45 = 128, 128 + 16 = 144, 144 - 96 = 48, 48 / 2 = 24: take away numbers that "
+        "add up to 24.\n75 + 8 = 83, 75 + 45 = 120, 75 + 16 = 91, 8 + 45 = 53, 8 + 16 = 24, found it: "
+        "75 + 45 - 8 - 16 = 96.\n</think>\n<answer>75 + 45 - 8 - 16</answer>")
+    assert sums_completion([95, 36, 32], 91).split("\n")[3] == "36 is one of the numbers, found it: 95 + 32 - 36 = 91."
+    assert sums_completion([10, 1, 4], 15).split("\n")[2] == "10 + 1 = 11, 11 + 4 = 15, found it."
+    # + and − cannot: a sum below the target, or an odd excess; then the solver's answer, step by step
+    assert sums_completion([19, 3, 1], 58).split("\n")[2:4] == [
+        "19 + 3 = 22, 22 + 1 = 23, less than 58: + and - cannot reach it.", "19 * 3 = 57, 57 + 1 = 58, found it."]
+    assert sums_completion([8, 3, 2], 2).split("\n")[2:4] == [
+        "8 + 3 = 11, 11 + 2 = 13, 13 - 2 = 11, which is odd: + and - cannot reach it.", "8 - 2 = 6, 6 / 3 = 2, found it."]
+    assert sums_completion([1, 1, 1], 50) is None
+
+
+def test_sums_trace_uses_plus_and_minus_exactly_when_some_signs_reach_the_target():
+    """Against every sign pattern: a + / − answer exactly when one exists; the answer scores 1 whenever one exists."""
+    for p in puzzles_from_spec("3to4:train", 1500, seed=4) + [{"nums": [4, 5, 6, 9], "target": t} for t in range(30)]:
+        nums, t = p["nums"], p["target"]
+        signs = any(sum(s * n for s, n in zip(pattern, nums)) == t and 1 in pattern
+                    for pattern in itertools.product((1, -1), repeat=len(nums)))
+        completion = sums_completion(nums, t)
+        answer = completion.split("<answer>")[1].split("</answer>")[0] if completion else ""
+        assert (set(answer) <= set("0123456789 +-") and bool(answer)) == signs, (nums, t, completion)
+        if completion:
+            assert score_response(completion, {"target": t, "nums": nums}) == 1.0
+        else:
+            assert solve(nums, t) is None
 
 
 def run_cli(*args):
