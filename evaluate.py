@@ -413,9 +413,12 @@ def collect(run_dirs, out_dir):
     Also training curves (loss, reward, accuracy, KL against step) when matplotlib is installed.
     """
     runs = [Path(d) for d in run_dirs]
-    names = sorted({p.parent.name for r in runs for p in (r / "eval").glob("*/results.json")}, key=_stage_order)
+    found = [{p.parent.name for p in (r / "eval").glob("*/results.json")} for r in runs]
+    names = sorted(set.intersection(*found), key=_stage_order)   # the evaluations every run has
     if not names:
-        raise InputError(f"no eval/*/results.json under {', '.join(map(str, runs))}")
+        raise InputError(f"no eval/*/results.json common to {', '.join(map(str, runs))}")
+    if set.union(*found) - set(names):
+        print(f"left out (not in every run): {', '.join(sorted(set.union(*found) - set(names)))}")
     results = {name: [json.loads((r / "eval" / name / "results.json").read_text()) for r in runs] for name in names}
     tables = []   # (name, that row of every run): each evaluation's first row, and its tool-loop row if it has one
     for name, per_run in results.items():
@@ -437,7 +440,10 @@ def collect(run_dirs, out_dir):
         lines.append(f"| {name} | {r['decoding']} | {r['temperature']:g} | {r['samples']} | {r['max_new_tokens']} | "
                      f"{' | '.join(cells)} |")
     spread = "± 95% interval" if len(runs) == 1 else f"mean ± sd over {len(runs)} runs"
-    table = f"{spread}; {results[names[0]][0]['prompts']} held-out prompts\n\n" + "\n".join(lines) + "\n"
+    sets = dict.fromkeys((result.get("source", ""), result["prompts"]) for per_run in results.values() for result in per_run)
+    held_out = f"{results[names[0]][0]['prompts']} held-out prompts" if len({n for _, n in sets}) == 1 else \
+        "held-out prompts: " + ", ".join(f"{n} of {source}" for source, n in sets)
+    table = f"{spread}; {held_out}\n\n" + "\n".join(lines) + "\n"
     table += accuracy_changes(acc) if len(runs) > 1 else ""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table)

@@ -1,21 +1,26 @@
-"""What a training step costs: seconds per step, tokens per second and peak memory of each trainer at its README
-settings, with `--model qwen-random` (Qwen2.5-0.5B's shape and tokenizer, random weights: they cost what trained
-ones cost); RLOO's step split into sampling, the π_ref pass and the update; and transformers' `generate` with its
-dynamic KV cache beside a static cache (whose decode step transformers compiles with torch.compile on CUDA).
+"""What a training step costs: seconds per step, tokens per second and peak memory of each trainer, RLOO's step split
+into sampling, the π_ref pass and the update, and sampling itself: transformers' `generate` against ours
+(common.generate), greedy, and at RLOO's shape (P prompts × K samples).
 
-    python bench/step_cost.py            # on a GPU: full size, README settings (~6 minutes on an H100-class card)
-    python bench/step_cost.py --small    # anywhere: the tiny model, small batches, in seconds (the tests run it)
+    python bench/step_cost.py               # --model qwen-random at the README's settings (on a GPU: ~6 minutes)
+    python bench/step_cost.py --smollm2     # --model smollm2 at smol_pipeline.sh's settings (CPU: ~15 minutes)
+    python bench/step_cost.py --small       # anywhere: the tiny model, small batches, in seconds (the tests run it)
 
-Every sequence is as long as the settings allow: fixed-length rows (prompt + response = --length tokens), and
-random weights never stop, so every RLOO completion runs to --max-new-tokens: the worst case, the one that
-decides whether a run fits. Each trainer runs --steps steps; the first warms up and is left out of the figures.
+qwen-random is Qwen2.5-0.5B's shape and tokenizer with random weights (they cost what trained ones cost): fixed-length
+rows (prompt + response = --length tokens), and a random model never stops, so every RLOO completion runs to
+--max-new-tokens: the worst case. smollm2 is a real model: its rows are the chain's (Countdown prompts and "sums"
+traces), and its samples stop where it stops them. Each trainer runs --steps steps; the first warms up and is left
+out of the figures. Peak memory: the GPU's allocator peak, or on the CPU the peak resident memory of a process of
+its own per trainer.
 """
 import argparse
 import contextlib
 import io
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +37,9 @@ FULL = dict(model="qwen-random", length=512, steps=3, sft=dict(batch_size=8, gra
 SMALL = dict(model="tiny", length=64, steps=3, sft=dict(batch_size=4, grad_accum=2), dpo=dict(batch_size=2, grad_accum=2),
              reward_model=dict(batch_size=2, grad_accum=2),
              rloo=dict(prompts_per_step=2, k=4, micro_prompts=1, max_new_tokens=16), generate=(8, 16))
+SMOLLM2 = dict(model="smollm2", length=0, steps=3, sft=dict(batch_size=16, grad_accum=1), dpo=dict(batch_size=8, grad_accum=1),
+               reward_model=dict(batch_size=8, grad_accum=1),
+               rloo=dict(prompts_per_step=8, k=8, micro_prompts=1, max_new_tokens=192), generate=(64, 192))
 
 
 def synchronize():
@@ -60,7 +68,13 @@ class Clock:
 
 
 def rows(tokenizer, length, n):
-    """n preference rows whose prompt + response is `length` tokens (one Qwen token per " a"; near it for tiny)."""
+    """n preference rows whose prompt + response is `length` tokens (one Qwen token per " a"; near it for tiny); or,
+    with length 0, the smol chain's: a Countdown prompt, its "sums" trace chosen, an "attempts" trace rejected."""
+    if length == 0:
+        from calculator import synthetic_warmstart
+        chosen, rejected = (synthetic_warmstart(n, 0, "3to4:sft", trace=t) for t in ("sums", "attempts"))
+        return [{"prompt": c["query"], "chosen": c["completion"], "rejected": r["completion"], "chat": False}
+                for c, r in zip(chosen, rejected)]
     prompt = "Write the letter a, again and again."
     room = length - len(common.encode(tokenizer, prompt, chat=True)["input_ids"]) - 1
     return [{"prompt": prompt, "chosen": " a" * room, "rejected": " a" * (room - 1 - i % 3)} for i in range(n)]
@@ -79,8 +93,9 @@ def run_trainer(name, cfg, workdir):
     data = os.path.join(workdir, f"{name}.jsonl")
     with open(data, "w") as f:
         for r in rows(tokenizer, cfg["length"], per_step * steps + 2):
-            f.write(json.dumps(r if name != "sft" else {"messages": [{"role": "user", "content": r["prompt"]},
-                                                                   {"role": "assistant", "content": r["chosen"]}]}) + "\n")
+            sft_row = {"query": r["prompt"], "completion": r["chosen"]} if not r.get("chat", True) else \
+                {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+            f.write(json.dumps(r if name != "sft" else sft_row) + "\n")
     clock, common_args = Clock(), dict(model=cfg["model"], steps=steps, log_every=1, eval_every=0, save_every=10 ** 9,
                                        out_dir=out)
     module.save_checkpoint = lambda *a, **k: None   # the step, not the disk
@@ -107,7 +122,9 @@ def run_trainer(name, cfg, workdir):
         module.main(module.Args(data=data, **extra, **settings, **common_args))
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"time"' in line]
     seconds = statistics.mean(m["time"] for m in logged[1:])   # the first step warms up
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the CPU: this process's peak resident memory
+    peak /= 2 ** 30
     split = None
     if name == "rloo":   # over all steps (the warm-up included): shares of the total
         total = sum(m["time"] for m in logged)
@@ -117,38 +134,63 @@ def run_trainer(name, cfg, workdir):
 
 
 def compare_generate(cfg):
-    """Greedy decoding of a batch with transformers' dynamic cache and with a static cache (compiled on CUDA)."""
-    from transformers import GenerationConfig
+    """Greedy decoding of `batch` Countdown prompts with transformers' generate (its own "sdpa" attention) and with
+    common.generate (our loop; on the CPU, grouped key/value heads read in place), then RLOO's sampling shape at T 1:
+    P prompts × K copies, each prompt read once. (seconds, tokens) of each, and whether the greedy tokens agree."""
+    from calculator import make_puzzles
+    from countdown_reward import warmstart_query
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_tools import transformers_generate
     device, dtype = common.device_and_dtype()
     tokenizer = common.load_tokenizer(cfg["model"])
     model = common.load_model(cfg["model"], tokenizer, device=device)
+    ours_attention = model.config._attn_implementation
     batch, new = cfg["generate"]
-    prompt = common.encode(tokenizer, "Using the numbers [95, 36, 32], create an equation that equals 91.", chat=True)
-    ids = torch.tensor([prompt["input_ids"]] * batch, device=device)
+    prompts = [common.encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"]
+               for p in make_puzzles(batch, seed=0)]
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def timed(fn, *args, **kwargs):
+        synchronize()
+        tick = time.perf_counter()
+        completions, _ = fn(*args, **kwargs)
+        synchronize()
+        return time.perf_counter() - tick, completions
     results = {}
-    for cache in ("dynamic", "static"):
-        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                  cache_implementation=None if cache == "dynamic" else "static")
-        for attempt in range(2):   # the first call compiles (static on CUDA) and warms up
-            synchronize()
-            tick = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            synchronize()
-            results[cache] = (time.perf_counter() - tick, out[:, ids.shape[1]:].tolist())
-    return batch, new, results
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), autocast:
+        results["transformers"] = timed(transformers_generate, model, tokenizer, prompts, new, temperature=0)
+    model.set_attn_implementation(ours_attention)
+    results["ours"] = timed(common.generate, model, tokenizer, prompts, new, temperature=0)
+    p, k = cfg["rloo"]["prompts_per_step"], cfg["rloo"]["k"]
+    results["rloo"] = timed(common.generate, model, tokenizer, [q for q in prompts[:p] for _ in range(k)], new)
+    return batch, new, p, k, results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="the tiny model at small batches (CPU, seconds)")
+    parser.add_argument("--smollm2", action="store_true", help="the real smollm2 at smol_pipeline.sh's settings")
     parser.add_argument("--only", default="sft,dpo,reward_model,rloo,generate", help="comma-separated parts to run")
+    parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)   # one part, its row alone
     args = parser.parse_args()
-    cfg = SMALL if args.small else FULL
-    device, dtype = common.device_and_dtype()
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{name} | --model {cfg['model']} | {common.mixed_precision(device, dtype)[2]} | rows of {cfg['length']} tokens")
-    print(f"{'trainer':<13} {'settings':<58} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9}  RLOO step")
+    cfg = SMALL if args.small else SMOLLM2 if args.smollm2 else FULL
     parts = args.only.split(",")
+    device, dtype = common.device_and_dtype()
+    if not args.row:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        length = f"rows of {cfg['length']} tokens" if cfg["length"] else "rows of the smol chain"
+        print(f"{name} | --model {cfg['model']} | {common.mixed_precision(device, dtype)[2]} | {length}")
+        print(f"{'trainer':<13} {'settings':<58} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9}  RLOO step")
+    if device == "cpu" and not args.row:   # a process per trainer: its own peak resident memory
+        for part in (p for p in ("sft", "dpo", "reward_model", "rloo", "generate") if p in parts):
+            flags = [f"--{flag}" for flag in ("small", "smollm2") if getattr(args, flag)]
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--only", part, "--row"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"step_cost.py: {part} failed:\n{done.stderr[-2000:]}")
+            print(done.stdout, end="", flush=True)
+        return
     with tempfile.TemporaryDirectory() as workdir:
         for trainer in ("sft", "dpo", "reward_model", "rloo"):
             if trainer not in parts:
@@ -160,12 +202,13 @@ def main():
             print(f"{trainer:<13} {settings:<58} {seconds:7.2f} {tokens / seconds:9.0f} "
                   f"{'-' if peak is None else f'{peak:.1f}':>9}  {note}", flush=True)
     if "generate" in parts:
-        batch, new, results = compare_generate(cfg)
-        (dynamic, a), (static, b) = results["dynamic"], results["static"]
-        verdict = "keep the static cache" if dynamic / static >= 1.5 else "keep transformers' default (dynamic)"
-        print(f"generate, greedy, {batch} × {new} new tokens: dynamic cache {dynamic:.2f} s, static cache "
-              f"{'+ torch.compile ' if torch.cuda.is_available() else ''}{static:.2f} s ({dynamic / static:.2f}×), "
-              f"same tokens: {a == b} → {verdict}")
+        batch, new, p, k, results = compare_generate(cfg)
+        (theirs, a), (ours, b), (rloo, c) = results["transformers"], results["ours"], results["rloo"]
+        print(f"generate, greedy, {batch} prompts × ≤ {new} new tokens: transformers {theirs:.1f} s "
+              f"({sum(map(len, a)) / theirs:.0f} tokens/s), ours {ours:.1f} s ({sum(map(len, b)) / ours:.0f} tokens/s, "
+              f"{theirs / ours:.2f}×), same tokens: {a == b}")
+        print(f"generate, RLOO's sampling, {p} prompts × K {k} at T 1, ≤ {new} new tokens: ours {rloo:.1f} s "
+              f"({sum(map(len, c)) / rloo:.0f} tokens/s)")
 
 
 if __name__ == "__main__":

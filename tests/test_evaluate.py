@@ -198,6 +198,8 @@ def test_collect_averages_runs_and_keeps_each_rows_settings(tmp_path):
     # RLOO minus the same run's SFT, greedy: 0.56 − 0.50 and 0.62 − 0.60 → +6.0, +2.0 points: +4.0 ± 2.8
     assert "| rloo-greedy | +6.0, +2.0 | +4.0 ± 2.8 |" in table
     assert (tmp_path / "both" / "results.md").read_text() == table
+    write("s0", "base-greedy", 0.01, 1, 0.0)   # an evaluation one run lacks is left out, said so, not a crash
+    assert "base-greedy" not in evaluate.collect([tmp_path / "s0", tmp_path / "s1"], tmp_path / "both")
 
 
 def test_tiny_countdown_run_writes_every_output(tmp_path):
