@@ -20,14 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import testbed
-from tools import TOOL_RESPONSE
+from tools import response_pieces
 from distributed import (all_rng_states, all_sum, barrier, end_processes, my_share, rank_and_world,  # noqa: F401
                          restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
                          sync_if, training_forward)  # noqa: F401
 # What the user hands in (flags, files, puzzles) is read and checked in inputs.py; the trainers import it from here.
-from inputs import (SFT_RUNS, InputError, check_args, hold_out, hub_dataset, hub_reachable, load_puzzles,  # noqa: F401
-                    locate, parse_args, preference_pairs, puzzle, read_jsonl, resolve_checkpoint, run, run_dir,  # noqa: F401
-                    sft_run)  # noqa: F401
+from inputs import (SFT_RUNS, InputError, check_args, checkpoints, hold_out, hub_dataset, hub_reachable,  # noqa: F401
+                    load_puzzles, locate, parse_args, preference_pairs, puzzle, read_jsonl, resolve_checkpoint,  # noqa: F401
+                    run, run_dir, sft_run)  # noqa: F401
 from testbed import END_OF_TEXT, IM_END
 
 QWEN = "Qwen/Qwen2.5-0.5B"
@@ -160,18 +160,18 @@ def encode(tokenizer, prompt, completion=None, chat=False, end=True):
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return {"input_ids": prompt_ids, "prompt_len": len(prompt_ids)}
-    pieces = [piece for piece in TOOL_RESPONSE.split(completion) if piece]
+    pieces = response_pieces(completion)
     ids, spans = list(prompt_ids), []
-    for piece in pieces:
+    for piece, harness in pieces:
         piece_ids = tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        if not TOOL_RESPONSE.fullmatch(piece):
+        if not harness:
             spans.append((len(ids), len(ids) + len(piece_ids)))
         ids += piece_ids
     if end:   # the end of turn (or of text) is the model's
         ids.append(tokenizer.convert_tokens_to_ids(IM_END) if chat else tokenizer.eos_token_id)
         spans.append((len(ids) - 1, len(ids)))
     example = {"input_ids": ids, "prompt_len": len(prompt_ids)}
-    return example if len(pieces) <= 1 else {**example, "spans": spans}
+    return {**example, "spans": spans} if any(harness for _, harness in pieces) else example
 
 
 def collate(examples, pad_id):
@@ -186,7 +186,7 @@ def collate(examples, pad_id):
     completion_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for i, e in enumerate(examples):
         input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        for start, end in e.get("spans") or [(e["prompt_len"], len(e["input_ids"]))]:
+        for start, end in e["spans"] if "spans" in e else [(e["prompt_len"], len(e["input_ids"]))]:
             completion_mask[i] |= (positions[0] >= start) & (positions[0] < end)
     attention_mask = positions < lengths[:, None]
     return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "completion_mask": completion_mask}
@@ -462,7 +462,7 @@ def save_checkpoint(out_dir, step, model, tokenizer, args, trainer_state, keep=2
     if final.exists():   # saved again at the same step (a resumed, finished run): the old copy goes out of sight first
         os.replace(final, out_dir / f".tmp-old-{final.name}-{os.getpid()}")
     os.replace(tmp, final)
-    for old in sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+    for old in checkpoints(out_dir)[:-keep]:
         os.replace(old, out_dir / f".tmp-old-{old.name}-{os.getpid()}")  # out of sight first, then deleted
     for stale in out_dir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -21,7 +21,6 @@ from countdown_reward import evaluate_expression, warmstart_query
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
-TOOL_RESPONSE = re.compile(f"({re.escape(RESPONSE_OPEN)}.*?{re.escape(RESPONSE_CLOSE)})", re.DOTALL)   # the harness's
 TOOL_EXCHANGE = re.compile(f"{re.escape(CALL_OPEN)}.*?{re.escape(RESPONSE_CLOSE)}", re.DOTALL)   # a call and its answer
 
 
@@ -68,7 +67,7 @@ def run_call(body, tools=("calculate",)):
     """(response text, valid) for the JSON between <tool_call> and </tool_call>. Never raises."""
     try:
         call = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):   # not JSON, nested too deep, or an integer of more than 4 300 digits
         return "error: the call is not JSON", False
     if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
         return 'error: a call is {"name": ..., "arguments": {...}}', False
@@ -84,6 +83,22 @@ def run_call(body, tools=("calculate",)):
 
 def response_text(result):
     return f"{RESPONSE_OPEN}{result}{RESPONSE_CLOSE}"
+
+
+def response_pieces(text):
+    """A completion cut around the harness's tool responses: [(piece, is_response)], the non-empty pieces in order.
+    A response runs from <tool_response> to the first </tool_response> after it. Linear time: an opening tag with
+    no closing one after it has none after any later opening either, so the rest is the model's text."""
+    pieces, pos = [], 0
+    while (start := text.find(RESPONSE_OPEN, pos)) >= 0:
+        end = text.find(RESPONSE_CLOSE, start + len(RESPONSE_OPEN))
+        if end < 0:
+            break
+        end += len(RESPONSE_CLOSE)
+        pieces += [(text[pos:start], False), (text[start:end], True)]
+        pos = end
+    pieces.append((text[pos:], False))
+    return [(piece, response) for piece, response in pieces if piece]
 
 
 # ------------------------------------------------------------------------------------------- the loop

@@ -3,6 +3,7 @@ what the harness wrote."""
 import copy
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ def call(expression):
     ('{"name": "calculate"', "error: the call is not JSON", False),
     ('["calculate"]', 'error: a call is {"name": ..., "arguments": {...}}', False),
     ('{"name": "calculate", "arguments": {"expression": 7}}', "error: expression must be a string", False),
+    ('{"name": "calculate", "arguments": {"expression": ' + "1" * 5000 + '}}', "error: the call is not JSON", False),
 ])
 def test_a_call_gets_its_answer_or_an_error_string(body, response, valid):
     assert tools.run_call(body) == (response, valid)
@@ -213,6 +215,24 @@ def test_encode_leaves_tool_responses_out_of_the_model_s_spans(tokenizer):
     assert mask[-1] and mask[example["prompt_len"]] and not mask[:example["prompt_len"]].any()   # the end token is the model's
     plain = common.encode(tokenizer, "Q:", " 6 * 7 = 42")
     assert "spans" not in plain   # a completion without tool responses: one span, as always
+
+
+@pytest.mark.parametrize("end", [True, False])
+def test_a_completion_that_is_one_tool_response_trains_on_none_of_it(tokenizer, end):
+    example = common.encode(tokenizer, "Q:", "<tool_response>42</tool_response>", end=end)
+    mask = common.collate([example], tokenizer.pad_token_id)["completion_mask"][0]
+    assert mask.sum() == int(end) and (not end or mask[-1])   # the end token alone is the model's, if there is one
+
+
+def test_tool_responses_are_cut_out_in_linear_time():
+    text = "a<tool_response>1</tool_response>b<tool_response>x<tool_response>2</tool_response><tool_response>"
+    assert tools.response_pieces(text) == [("a", False), ("<tool_response>1</tool_response>", True), ("b", False),
+                                           ("<tool_response>x<tool_response>2</tool_response>", True),
+                                           ("<tool_response>", False)]
+    for n in (8_000, 64_000):   # the regex took 5.4 s at 8 000 unclosed openers and 24 s at 16 000
+        start = time.perf_counter()
+        pieces = tools.response_pieces("<tool_response>" * n)
+        assert pieces == [("<tool_response>" * n, False)] and time.perf_counter() - start < 0.5
 
 
 def test_no_gradient_comes_from_the_tokens_the_harness_wrote(tokenizer, model):
