@@ -30,7 +30,8 @@ def run(main, args_class):
     try:
         main(args)
     except InputError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:   # under torchrun every process stops; one says why
+            print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -125,7 +126,7 @@ def run_dir(out_dir, resume=None):
         raise InputError(f"--out-dir {out}: a file, not a directory")
     if resume is None:
         return out
-    steps = sorted(out.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = checkpoints(out)
     if resume and not steps:
         raise InputError(f"--resume: no checkpoint (step-N) in {out}")
     if not resume and (steps or (out / "metrics.jsonl").exists()):
@@ -257,6 +258,13 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+def checkpoints(run_dir):
+    """The run's checkpoints, oldest first: folders named exactly step-<integer>. Anything else (a user's copy
+    `step-66-good`, a `step-best`) is not the run's: never read as a checkpoint, never rotated away."""
+    found = [p for p in Path(run_dir).glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 # ---------------------------------------------------------------------------------------- --model
 
 def resolve_checkpoint(path):
@@ -264,7 +272,7 @@ def resolve_checkpoint(path):
     path = Path(path)
     if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
         return path
-    steps = sorted(path.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = checkpoints(path)
     if not steps:
         raise InputError(f"{path}: not a model directory (no config.json) and no step-N checkpoint inside")
     return steps[-1]

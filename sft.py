@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from common import (InputError, SFT_RUNS, adamw, all_sum, check_args, collate, device_and_dtype, encode,
-                    end_processes, generate, hold_out, hub_dataset, length_grouped_batches, load_model,
+from common import (InputError, SFT_RUNS, adamw, all_sum, check_args, checkpoints, collate, device_and_dtype,
+                    encode, end_processes, generate, hold_out, hub_dataset, length_grouped_batches, load_model,
                     load_tokenizer, log_metrics, mixed_precision, my_share, read_jsonl, restore_rng_states,
                     resume_point, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs, start_processes,
                     sync_if, training_forward, warmup_cosine)
@@ -120,7 +120,9 @@ def rows_from_records(records, source):
 def load_data(args):
     """(train rows, held-out rows) for --data, each a list of {prompt, completion, chat}."""
     if args.data == "synthetic":
-        from calculator import synthetic_warmstart
+        from calculator import TRACES, synthetic_warmstart
+        if args.trace not in TRACES + ("tools", "tools-solve"):
+            raise InputError(f"--trace {args.trace!r}: use one of {', '.join(TRACES + ('tools', 'tools-solve'))}")
         test_shape = args.puzzles.partition(":")[0] + ":test"   # held-out puzzles: disjoint by construction
         if args.trace in ("tools", "tools-solve"):   # calls to the calculator (and the solver): tools.py
             from tools import synthetic_tool_traces
@@ -267,7 +269,7 @@ def main(args):
             step_loss += loss.item()
         step_loss = all_sum(step_loss) / world
         if not math.isfinite(step_loss):
-            saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            saved = checkpoints(out_dir)
             sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
                      f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}")
         scaler.unscale_(optimizer)
