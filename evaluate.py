@@ -509,8 +509,17 @@ def main(args):
     check_args(args)
     if args.task not in ("countdown", "ultrafeedback"):
         raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
-    number_list(args.best_of, "--best-of", int, 1)      # checked now, not after the model has sampled
+    number_list(args.best_of, "--best-of", int, 1)      # every flag checked now, not after the model has sampled
     number_list(args.temperatures, "--temperatures", float, 0)
+    if args.tools:
+        try:
+            tool_names(args.tools)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if args.task == "ultrafeedback" and (args.tools or args.tool or args.best_of):
+        raise InputError("--tools, --tool and --best-of are Countdown's: they do nothing with --task ultrafeedback")
+    if not args.tools and args.max_calls != Args.max_calls:
+        raise InputError(f"--max-calls {args.max_calls} without --tools does nothing: add --tools calculate")
     seed_everything(args.seed)
     out_dir = run_dir(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -147,8 +147,8 @@ def score_completions(task, prompts, texts, reward_model=None, stopped=None):
 
 # ------------------------------------------------------------------------------------------- main
 
-def main(args):
-    # 1. setup
+def check_flags(args):
+    """Every flag checked before any work: ranges (inputs.FLAG_RANGES), then the combinations that make no sense."""
     check_args(args)
     if args.task not in ("countdown", "ultrafeedback"):
         raise InputError(f"--task {args.task!r}: use countdown or ultrafeedback")
@@ -164,6 +164,17 @@ def main(args):
             tool_names(args.tools)
         except ValueError as e:
             raise InputError(str(e)) from None
+    else:
+        loop_only = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("max_calls", "call_penalty",
+                                                                            "invalid_call_penalty")
+                     if getattr(args, k) != getattr(Args, k)]
+        if loop_only:
+            raise InputError(f"{', '.join(loop_only)}: a setting of the tool loop, which does nothing without --tools")
+
+
+def main(args):
+    # 1. setup
+    check_flags(args)
     rank, world = start_processes()   # under torchrun, this process is one of `world`: see distributed.py
     my_share(range(args.prompts_per_step), args.prompts_per_step, "--prompts-per-step")   # a step's prompts divide
     seed_everything(args.seed)

@@ -60,6 +60,16 @@ CASES = [   # script, arguments, what the one line says
     ("evaluate", "--model tiny --best-of a", "--best-of a: a comma-separated list of ints ≥ 1"),
     ("evaluate", "--model tiny --best-of 0", "--best-of 0: a comma-separated list of ints ≥ 1"),
     ("evaluate", "--model tiny --temperatures x", "--temperatures x: a comma-separated list of floats ≥ 0"),
+    ("evaluate", "--model tiny --tools bogus", "--tools 'bogus': calculate, or calculate,solve"),
+    ("sft", "--model tiny --data synthetic --trace bogus", "--trace 'bogus': use one of attempts, search, "),
+    ("sft", "--model tiny --data synthetic --trace bogus", ", sums, tools, tools-solve"),
+    # flags that would do nothing
+    ("rloo", "--model tiny --max-calls 3", "--max-calls 3: a setting of the tool loop, which does nothing without"),
+    ("rloo", "--model tiny --call-penalty 1", "--call-penalty 1.0: a setting of the tool loop"),
+    ("evaluate", "--model tiny --max-calls 2", "--max-calls 2 without --tools does nothing"),
+    ("evaluate", "--model tiny --task ultrafeedback --tools calculate", "do nothing with --task ultrafeedback"),
+    ("evaluate", "--model tiny --task ultrafeedback --tool", "do nothing with --task ultrafeedback"),
+    ("evaluate", "--model tiny --task ultrafeedback --best-of 1,2", "do nothing with --task ultrafeedback"),
     # rows that are not what their file's schema says
     ("sft", "--model tiny --data {number.jsonl}", "number.jsonl, row 1: not a JSON object (a int)"),
     ("sft", "--model tiny --data {string.jsonl}", "string.jsonl, row 1: not a JSON object (a str)"),
@@ -103,3 +113,30 @@ def test_refused_in_one_line(script, argv, message, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"{script}.py: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("script, argv", [("evaluate", "--model tiny --tools bogus"),
+                                          ("evaluate", "--model tiny --task ultrafeedback --best-of 2"),
+                                          ("rloo", "--model tiny --max-calls 3")])
+def test_flags_are_checked_before_any_model_is_loaded(script, argv, tmp_path, monkeypatch):
+    module = importlib.import_module(script)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+    for name in ("load_model", "load_tokenizer", "make_sampler"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, too_late)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv.split(), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        common.run(module.main, module.Args)
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_under_torchrun_only_rank_0_says_why(monkeypatch, capsys):
+    import sft
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--model", "tiny", "--lr", "-1"])
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            common.run(sft.main, sft.Args)
+        assert e.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines
