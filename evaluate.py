@@ -162,8 +162,6 @@ def countdown(args, out_dir):
         if len({len(r) for r in responses}) != 1:
             raise InputError(f"{args.responses}: every puzzle needs the same number of responses")
         sample = tokenizer = None
-        if args.best_of or args.tool or args.tools:
-            raise InputError("--best-of, --tool and --tools sample a model: they do not combine with --responses")
     else:
         puzzles = load_puzzles(args.puzzles, args.n, seed=args.seed, skip=first_row(args))
         tokenizer = load_tokenizer(args.model)
@@ -516,10 +514,13 @@ def main(args):
             tool_names(args.tools)
         except ValueError as e:
             raise InputError(str(e)) from None
-    if args.task == "ultrafeedback" and (args.tools or args.tool or args.best_of):
-        raise InputError("--tools, --tool and --best-of are Countdown's: they do nothing with --task ultrafeedback")
+    if args.task == "ultrafeedback" and (args.tools or args.tool or args.best_of or args.max_calls != Args.max_calls):
+        raise InputError("--tools, --tool, --max-calls and --best-of are Countdown's: they do nothing with "
+                         "--task ultrafeedback")
     if not args.tools and args.max_calls != Args.max_calls:
         raise InputError(f"--max-calls {args.max_calls} without --tools does nothing: add --tools calculate")
+    if args.responses and (args.best_of or args.tool or args.tools):
+        raise InputError("--best-of, --tool and --tools sample a model: they do not combine with --responses")
     seed_everything(args.seed)
     out_dir = run_dir(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

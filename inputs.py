@@ -30,7 +30,7 @@ def run(main, args_class):
     try:
         main(args)
     except InputError as e:
-        if int(os.environ.get("RANK", 0)) == 0:   # under torchrun every process stops; one says why
+        if os.environ.get("RANK", "0") == "0":   # under torchrun every process stops; rank 0 says why
             print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -259,9 +259,10 @@ def hub_reachable(timeout=3.0):
 
 
 def checkpoints(run_dir):
-    """The run's checkpoints, oldest first: folders named exactly step-<integer>. Anything else (a user's copy
-    `step-66-good`, a `step-best`) is not the run's: never read as a checkpoint, never rotated away."""
-    found = [p for p in Path(run_dir).glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
+    """The run's checkpoints, oldest first: folders named exactly step-<integer> as save_checkpoint writes it (ASCII
+    digits, no leading zero). Anything else (a user's copy `step-66-good`, a `step-best`, a `step-03`) is not the
+    run's: never read as a checkpoint, never rotated away."""
+    found = [p for p in Path(run_dir).glob("step-*") if re.fullmatch(r"step-(0|[1-9][0-9]*)", p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 

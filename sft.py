@@ -23,11 +23,14 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from calculator import TRACES as SEARCH_TRACES
 from common import (InputError, SFT_RUNS, adamw, all_sum, check_args, checkpoints, collate, device_and_dtype,
                     encode, end_processes, generate, hold_out, hub_dataset, length_grouped_batches, load_model,
                     load_tokenizer, log_metrics, mixed_precision, my_share, read_jsonl, restore_rng_states,
                     resume_point, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs, start_processes,
                     sync_if, training_forward, warmup_cosine)
+
+TRACES = SEARCH_TRACES + ("tools", "tools-solve")   # --trace: the calculator's own, and calls to it (tools.py)
 
 
 @dataclass
@@ -120,9 +123,7 @@ def rows_from_records(records, source):
 def load_data(args):
     """(train rows, held-out rows) for --data, each a list of {prompt, completion, chat}."""
     if args.data == "synthetic":
-        from calculator import TRACES, synthetic_warmstart
-        if args.trace not in TRACES + ("tools", "tools-solve"):
-            raise InputError(f"--trace {args.trace!r}: use one of {', '.join(TRACES + ('tools', 'tools-solve'))}")
+        from calculator import synthetic_warmstart
         test_shape = args.puzzles.partition(":")[0] + ":test"   # held-out puzzles: disjoint by construction
         if args.trace in ("tools", "tools-solve"):   # calls to the calculator (and the solver): tools.py
             from tools import synthetic_tool_traces
@@ -191,6 +192,8 @@ def held_out_loss(model, examples, pad_id, batch_size, autocast):
 def main(args):
     # 1. setup (under torchrun, this process is one of `world`: see distributed.py)
     check_args(args)
+    if args.data == "synthetic" and args.trace not in TRACES:
+        raise InputError(f"--trace {args.trace!r}: use one of {', '.join(TRACES)}")
     rank, world = start_processes()
     my_share(range(args.grad_accum), args.grad_accum, "--grad-accum")   # a step's micro-batches divide among them
     seed_everything(args.seed)
@@ -270,8 +273,8 @@ def main(args):
         step_loss = all_sum(step_loss) / world
         if not math.isfinite(step_loss):
             saved = checkpoints(out_dir)
-            sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "
-                     f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}")
+            sys.exit(f"sft.py: loss is {step_loss} at step {step}; stopped before the update. "   # rank 0 says it
+                     f"Last good checkpoint: {saved[-1] if saved else 'none (nothing saved yet)'}" if rank == 0 else 1)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
         lr = scheduler.get_last_lr()[0]   # the rate this step uses; scheduler.step() moves to the next

@@ -220,12 +220,13 @@ def test_save_is_atomic_and_keeps_the_newest(tmp_path, tokenizer, model, monkeyp
 
 
 def test_only_step_integer_folders_are_the_run_s_checkpoints(tmp_path, tokenizer, model):
-    for name in ("step-66-good", "step-best"):   # a user's copies: never read as a checkpoint, never rotated away
+    for name in ("step-66-good", "step-best", "step-03", "step-\uff13"):   # a user's: never read, never rotated away
         (tmp_path / name).mkdir()
     (tmp_path / "step-9.txt").write_text("notes")
     for step in (1, 2, 3):
         common.save_checkpoint(tmp_path, step, model, tokenizer, Knobs(), {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3", "step-66-good", "step-9.txt", "step-best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-03", "step-2", "step-3", "step-66-good", "step-9.txt",
+                                                          "step-best", "step-\uff13"]
     assert common.resolve_checkpoint(tmp_path).name == "step-3" and common.checkpoints(tmp_path)[0].name == "step-2"
 
 

@@ -32,7 +32,7 @@ def train(trainer, out_dir, processes, mutation=""):
     done = subprocess.run([*launcher, str(DRIVER), trainer, str(out_dir), mutation], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    final = max(Path(out_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    final = common.checkpoints(out_dir)[-1]
     return load_file(final / "model.safetensors"), done.stdout
 
 

@@ -70,6 +70,7 @@ CASES = [   # script, arguments, what the one line says
     ("evaluate", "--model tiny --task ultrafeedback --tools calculate", "do nothing with --task ultrafeedback"),
     ("evaluate", "--model tiny --task ultrafeedback --tool", "do nothing with --task ultrafeedback"),
     ("evaluate", "--model tiny --task ultrafeedback --best-of 1,2", "do nothing with --task ultrafeedback"),
+    ("evaluate", "--model tiny --task ultrafeedback --max-calls 2", "do nothing with --task ultrafeedback"),
     # rows that are not what their file's schema says
     ("sft", "--model tiny --data {number.jsonl}", "number.jsonl, row 1: not a JSON object (a int)"),
     ("sft", "--model tiny --data {string.jsonl}", "string.jsonl, row 1: not a JSON object (a str)"),
@@ -117,6 +118,8 @@ def test_refused_in_one_line(script, argv, message, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("script, argv", [("evaluate", "--model tiny --tools bogus"),
                                           ("evaluate", "--model tiny --task ultrafeedback --best-of 2"),
+                                          ("evaluate", "--responses r.jsonl --tool"),
+                                          ("sft", "--model tiny --data synthetic --trace bogus"),
                                           ("rloo", "--model tiny --max-calls 3")])
 def test_flags_are_checked_before_any_model_is_loaded(script, argv, tmp_path, monkeypatch):
     module = importlib.import_module(script)
