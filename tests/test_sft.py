@@ -142,14 +142,15 @@ def test_cli_rejects_a_zero_log_interval_in_one_line():
     assert out.stderr.strip() == "sft.py: error: --log-every 0: must be ≥ 1"
 
 
-@pytest.mark.parametrize("flags, says", [(["--trace", "search", "--puzzles", "3to4:train"], "for 3 numbers, got 4"),
-                                         (["--trace", "guess", "--puzzles", "easy:train"], "use one of attempts, search"),
-                                         (["--puzzles", "hard:train"], "puzzle shape 'hard:train'")])
+@pytest.mark.parametrize("flags, says", [
+    (["--trace", "search", "--puzzles", "3to4:train"], "--puzzles 3to4:train --trace search: the search trace is for 3"),
+    (["--trace", "guess", "--puzzles", "easy:train"], "--trace 'guess': use one of attempts, search"),
+    (["--puzzles", "hard:train"], "--puzzles hard:train --trace attempts: puzzle shape 'hard:train': use one of")])
 def test_cli_bad_synthetic_flags_are_one_line(flags, says):
     out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--data", "synthetic", *flags],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith("sft.py: error: --puzzles ") and says in out.stderr
+    assert out.stderr.startswith(f"sft.py: error: {says}"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
