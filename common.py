@@ -25,9 +25,9 @@ from distributed import (all_rng_states, all_sum, barrier, end_processes, my_sha
                          restore_rng_states, rng_state, seed_everything, set_rng_state, start_processes,  # noqa: F401
                          sync_if, training_forward)  # noqa: F401
 # What the user hands in (flags, files, puzzles) is read and checked in inputs.py; the trainers import it from here.
-from inputs import (SFT_RUNS, InputError, check_args, checkpoints, hold_out, hub_dataset, hub_reachable,  # noqa: F401
-                    load_puzzles, locate, parse_args, preference_pairs, puzzle, read_jsonl, resolve_checkpoint,  # noqa: F401
-                    run, run_dir, sft_run)  # noqa: F401
+from inputs import (SFT_RUNS, InputError, check_args, checkpoints, hold_out, hub_dataset,  # noqa: F401
+                    hub_reachable, load_puzzles, locate, parse_args, preference_pairs, puzzle,  # noqa: F401
+                    read_jsonl, resolve_checkpoint, run, run_dir, sft_run)  # noqa: F401
 from testbed import END_OF_TEXT, IM_END
 
 QWEN = "Qwen/Qwen2.5-0.5B"

@@ -37,9 +37,9 @@ FULL = dict(model="qwen-random", length=512, steps=3, sft=dict(batch_size=8, gra
 SMALL = dict(model="tiny", length=64, steps=3, sft=dict(batch_size=4, grad_accum=2), dpo=dict(batch_size=2, grad_accum=2),
              reward_model=dict(batch_size=2, grad_accum=2),
              rloo=dict(prompts_per_step=2, k=4, micro_prompts=1, max_new_tokens=16), generate=(8, 16))
-SMOLLM2 = dict(model="smollm2", length=0, steps=3, sft=dict(batch_size=16, grad_accum=1), dpo=dict(batch_size=8, grad_accum=1),
-               reward_model=dict(batch_size=8, grad_accum=1),
-               rloo=dict(prompts_per_step=8, k=8, micro_prompts=1, max_new_tokens=192), generate=(64, 192))
+SMOLLM2 = dict(model="smollm2", length=0, steps=3, sft=dict(batch_size=8, grad_accum=2), dpo=dict(batch_size=4, grad_accum=2),
+               reward_model=dict(batch_size=4, grad_accum=2),
+               rloo=dict(prompts_per_step=4, k=8, micro_prompts=1, max_new_tokens=256), generate=(64, 96))
 
 
 def synchronize():
