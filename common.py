@@ -392,23 +392,30 @@ def _decode(model, tokenizer, ids, mask, config, respond):
 def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilization=0.3, seed=0, batch_size=64):
     """(sample, engine): sample(prompt_ids, max_new_tokens, temperature, top_p, repetition_penalty) → (completions, stopped).
 
-    vLLM when asked for, installed, on CUDA, and the model has a path or hub id (engine: the VLLMSampler, for
-    `load_weights`); otherwise transformers' `generate` on `model` (engine None), which is loaded from `path`
-    only then, `batch_size` prompts at a time. A vLLM that is installed but fails to import is an error.
+    vLLM when asked for and installed, on CUDA or a CPU (engine: the VLLMSampler, for `load_weights`), started from
+    `path` (a test bed built in-process, from a saved copy of `model`); otherwise transformers' `generate` on `model`
+    (engine None), which is loaded from `path` only then, `batch_size` prompts at a time. A vLLM that is installed
+    but fails to import is an error.
     """
     device, dtype = device_and_dtype()
-    if use_vllm and device == "cuda" and path not in testbed.NAMES:
-        if importlib.util.find_spec("vllm") is None:
-            print("vLLM is not installed: sampling with transformers' generate")
-        else:
-            from vllm_sampler import VLLMSampler
-            state, threads = rng_state(), torch.get_num_threads()   # starting the engine reseeds every global RNG
-            rank, world = rank_and_world()   # under torchrun: an engine per process, each with its own seed
-            engine = VLLMSampler(locate(path), stop_token_ids(tokenizer), len(tokenizer), gpu_memory_utilization,
-                                 seed + rank, dtype, under_torchrun=world > 1)
-            set_rng_state(state)                                      # and sets torch to one thread: both put back
-            torch.set_num_threads(threads)
-            return engine.generate, engine
+    if use_vllm and importlib.util.find_spec("vllm") is None:
+        print("vLLM is not installed: sampling with transformers' generate")
+    elif use_vllm:
+        import vllm_sampler
+        vllm_sampler.import_vllm()                                    # a broken install: one line, before any work
+        folder = None
+        if path in testbed.NAMES:
+            model = model if model is not None else load_model(path, tokenizer, seed=seed)
+            folder = vllm_sampler.saved_copy(model, tokenizer)
+        state, threads = rng_state(), torch.get_num_threads()   # starting the engine reseeds every global RNG
+        rank, world = rank_and_world()   # under torchrun: an engine per process, each with its own seed
+        engine = vllm_sampler.VLLMSampler(folder.name if folder else locate(path), stop_token_ids(tokenizer),
+                                          len(tokenizer), gpu_memory_utilization, seed + rank, dtype,
+                                          under_torchrun=world > 1, device=device)
+        engine.folder = folder                                        # kept until the engine goes
+        set_rng_state(state)                                          # and may change torch's threads: both put back
+        torch.set_num_threads(threads)
+        return engine.generate, engine
     model = model if model is not None else load_model(path, tokenizer, seed=seed)
     def sample(ids, **kw):
         return generate(model, tokenizer, ids, batch_size=batch_size, **kw)

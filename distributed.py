@@ -23,13 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from inputs import InputError
 
 
+_joined = False   # whether start_processes made this process's group
+
+
 def start_processes():
     """Join torchrun's process group if there is one (gloo on the CPU, nccl and one GPU per process on CUDA);
     processes other than rank 0 print nothing. (rank, world size); (0, 1) without torchrun."""
+    global _joined
     if "RANK" in os.environ and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _joined = True
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
     return rank_and_world()
@@ -90,10 +95,13 @@ def barrier():
 
 def end_processes():
     """Leave the process group together: a process that leaves while rank 0 still writes its checkpoint aborts
-    at exit ("terminate called without an active exception", seen with gloo)."""
-    if dist.is_initialized():
+    at exit ("terminate called without an active exception", seen with gloo). Only a group start_processes joined:
+    an in-process vLLM engine makes its own (world size 1), which outlives a run (the next engine reuses it)."""
+    global _joined
+    if _joined and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _joined = False
 
 
 # ---------------------------------------------------------------------------------------- random states

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common import (InputError, adamw, all_sum, barrier, check_args, collate, device_and_dtype, encode, end_processes,
-                    generate, hold_out, length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics,
+                    hold_out, length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics, make_sampler,
                     mixed_precision, my_share, preference_pairs, rank_and_world, read_jsonl, resolve_checkpoint,
                     restore_rng_states, resume_point, run, run_dir, save_checkpoint, seed_everything,
                     sequence_logprobs, sft_run, start_processes, sync_if, training_forward, warmup_cosine)
@@ -68,6 +68,8 @@ class Args:
     pair_temperature: float = 1.0     # sampling temperature of the pairs (spec: non-zero)
     pair_max_tokens: int = 1024       # max new tokens of a sampled completion
     pairs_file: str = ""              # Countdown pair cache; default out_dir/countdown_pairs.jsonl
+    vllm: bool = torch.cuda.is_available()  # sample the pairs with vLLM, when installed (default: on CUDA; CPU: --vllm)
+    vllm_memory: float = 0.3          # share of GPU memory vLLM may take (a CPU engine: a 2 GiB KV cache)
     rlaif_model: str = ""             # RLAIF: a reward model directory that rescores and reorders every pair
     rlaif_drop: float = 0.0           # RLAIF: share of pairs dropped, those whose better response the RM scores lowest
 
@@ -111,8 +113,12 @@ def build_countdown_pairs(model, tokenizer, args, path):
     n = args.pair_samples
     puzzles = load_puzzles(args.puzzles, args.pair_prompts, seed=args.seed)
     prompts = [encode(tokenizer, warmstart_query(p["nums"], p["target"]))["input_ids"] for p in puzzles]
-    completions, stopped = generate(model, tokenizer, [p for p in prompts for _ in range(n)],
-                                    max_new_tokens=args.pair_max_tokens, temperature=args.pair_temperature)
+    # rank 0 alone samples the pairs, so no engine under torchrun (vLLM's launcher starts one in every process)
+    sample, engine = make_sampler(tokenizer, args.model, model, args.vllm and rank_and_world()[1] == 1,
+                                  args.vllm_memory, seed=args.seed)
+    completions, stopped = sample([p for p in prompts for _ in range(n)], max_new_tokens=args.pair_max_tokens,
+                                  temperature=args.pair_temperature)
+    del sample, engine   # the engine's memory goes back to the trainer
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     samples = [list(zip(texts[i:i + n], stopped[i:i + n])) for i in range(0, len(texts), n)]
     pairs, ties = label_countdown_pairs(puzzles, samples)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from calculator import SHAPES, solve
 from common import (InputError, check_args, encode, hub_dataset, load_puzzles, load_tokenizer, make_sampler, puzzle,
@@ -63,7 +64,7 @@ class Args:
     tools: str = ""                   # also report tool-loop rows (tools.py): calculate | calculate,solve
     max_calls: int = 4                # tool loop: calls per answer (a call beyond ends the answer)
     batch_size: int = 64              # prompts per generate call (transformers)
-    vllm: bool = True                 # sample with vLLM when installed and on CUDA
+    vllm: bool = torch.cuda.is_available()  # sample with vLLM, when installed (default: on CUDA; on a CPU: --vllm)
     prompts: str = "ultrafeedback"    # UltraFeedback prompts: ultrafeedback (test_prefs) | a .jsonl with "prompt"
     reference: str = "Qwen/Qwen2.5-0.5B-Instruct"  # the model the policy is compared with
     judge: str = "nemotron"           # nemotron (API) | a reward model directory (reward_model.py)

@@ -73,8 +73,8 @@ class Args:
     seed: int = 0                        # seeds prompts and sampling
     resume: bool = False                 # continue from out_dir's newest checkpoint
     gradient_checkpointing: bool = False # recompute each layer in backward: activations ÷ ~10, ~⅓ more compute
-    vllm: bool = True                    # sample with vLLM when it is installed and CUDA is present
-    vllm_memory: float = 0.3             # share of GPU memory vLLM may take
+    vllm: bool = torch.cuda.is_available()  # sample with vLLM, when installed (default: on CUDA; on a CPU: --vllm)
+    vllm_memory: float = 0.3             # share of GPU memory vLLM may take (a CPU engine: a 2 GiB KV cache)
 
 
 def rloo_advantages(rewards):

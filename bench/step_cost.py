@@ -5,6 +5,7 @@ into sampling, the π_ref pass and the update, and sampling itself: transformers
     python bench/step_cost.py               # --model qwen-random at the README's settings (on a GPU: ~6 minutes)
     python bench/step_cost.py --smollm2     # --model smollm2 at smol_pipeline.sh's settings (CPU: ~15 minutes)
     python bench/step_cost.py --small       # anywhere: the tiny model, small batches, in seconds (the tests run it)
+    python bench/step_cost.py --smollm2 --vllm   # RLOO and sampling through the vLLM engine (installed: README, vLLM)
 
 qwen-random is Qwen2.5-0.5B's shape and tokenizer with random weights (they cost what trained ones cost): fixed-length
 rows (prompt + response = --length tokens), and a random model never stops, so every RLOO completion runs to
@@ -80,8 +81,9 @@ def rows(tokenizer, length, n):
     return [{"prompt": prompt, "chosen": " a" * room, "rejected": " a" * (room - 1 - i % 3)} for i in range(n)]
 
 
-def run_trainer(name, cfg, workdir):
-    """Run one trainer for cfg["steps"] steps; (seconds per step, tokens per step, peak GiB, RLOO split or None)."""
+def run_trainer(name, cfg, workdir, vllm=False):
+    """Run one trainer for cfg["steps"] steps; (seconds per step, tokens per step, peak GiB, RLOO split or None).
+    vllm: RLOO samples with the engine; its start (outside the steps) joins the split as seconds."""
     import dpo
     import reward_model
     import rloo
@@ -109,13 +111,15 @@ def run_trainer(name, cfg, workdir):
         real_sampler = module.make_sampler
 
         def timed_sampler(*args, **kwargs):
+            tick = time.perf_counter()
             sample, engine = real_sampler(*args, **kwargs)
+            clock.seconds["start"] = time.perf_counter() - tick
             return clock.wrap("sampling", sample), engine
         module.make_sampler = timed_sampler
         module.sequence_logprobs = clock.wrap("forward", common.sequence_logprobs, count_tokens=True)
         module._logps = clock.wrap(lambda *a, **k: "policy" if torch.is_grad_enabled() else "π_ref", module._logps)
         module.main(module.Args(puzzles="3to4:train", n_prompts=settings["prompts_per_step"] * steps, eval_prompts=0,
-                                sample_every=0, **settings, **common_args))
+                                sample_every=0, vllm=vllm, **settings, **common_args))
     else:
         module.sequence_logprobs = clock.wrap("forward", common.sequence_logprobs, count_tokens=True)
         extra = dict(eval_rows=2) if name == "sft" else {}
@@ -130,13 +134,16 @@ def run_trainer(name, cfg, workdir):
         total = sum(m["time"] for m in logged)
         split = {k: clock.seconds.get(k, 0.0) / total for k in ("sampling", "π_ref")}
         split["update"] = 1 - sum(split.values())
+        if vllm:
+            split["engine start s"] = clock.seconds["start"]
     return seconds, clock.tokens / steps, peak, split
 
 
-def compare_generate(cfg):
+def compare_generate(cfg, vllm=False):
     """Greedy decoding of `batch` Countdown prompts with transformers' generate (its own "sdpa" attention) and with
     common.generate (our loop; on the CPU, grouped key/value heads read in place), then RLOO's sampling shape at T 1:
-    P prompts × K copies, each prompt read once. (seconds, tokens) of each, and whether the greedy tokens agree."""
+    P prompts × K copies, each prompt read once. (seconds, tokens) of each, and whether the greedy tokens agree.
+    vllm: both again through the engine (common.make_sampler), and the engine's start."""
     from calculator import make_puzzles
     from countdown_reward import warmstart_query
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -164,6 +171,12 @@ def compare_generate(cfg):
     results["ours"] = timed(common.generate, model, tokenizer, prompts, new, temperature=0)
     p, k = cfg["rloo"]["prompts_per_step"], cfg["rloo"]["k"]
     results["rloo"] = timed(common.generate, model, tokenizer, [q for q in prompts[:p] for _ in range(k)], new)
+    if vllm:
+        tick = time.perf_counter()
+        sample, _ = common.make_sampler(tokenizer, cfg["model"], model, use_vllm=True)
+        results["start"] = time.perf_counter() - tick
+        results["vllm"] = timed(sample, prompts, new, temperature=0)
+        results["vllm rloo"] = timed(sample, [q for q in prompts[:p] for _ in range(k)], new)
     return batch, new, p, k, results
 
 
@@ -171,6 +184,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="the tiny model at small batches (CPU, seconds)")
     parser.add_argument("--smollm2", action="store_true", help="the real smollm2 at smol_pipeline.sh's settings")
+    parser.add_argument("--vllm", action="store_true", help="RLOO and sampling through the vLLM engine too")
     parser.add_argument("--only", default="sft,dpo,reward_model,rloo,generate", help="comma-separated parts to run")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)   # one part, its row alone
     args = parser.parse_args()
@@ -184,7 +198,7 @@ def main():
         print(f"{'trainer':<13} {'settings':<58} {'s/step':>7} {'tokens/s':>9} {'peak GiB':>9}  RLOO step")
     if device == "cpu" and not args.row:   # a process per trainer: its own peak resident memory
         for part in (p for p in ("sft", "dpo", "reward_model", "rloo", "generate") if p in parts):
-            flags = [f"--{flag}" for flag in ("small", "smollm2") if getattr(args, flag)]
+            flags = [f"--{flag}" for flag in ("small", "smollm2", "vllm") if getattr(args, flag)]
             done = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--only", part, "--row"],
                                   capture_output=True, text=True)
             if done.returncode != 0:
@@ -196,19 +210,25 @@ def main():
             if trainer not in parts:
                 continue
             with contextlib.redirect_stdout(io.StringIO()):   # the trainers' own log lines
-                seconds, tokens, peak, split = run_trainer(trainer, cfg, workdir)
+                seconds, tokens, peak, split = run_trainer(trainer, cfg, workdir, args.vllm and trainer == "rloo")
             settings = " ".join(f"{k}={v}" for k, v in cfg[trainer].items())
-            note = " ".join(f"{k} {v:.0%}" for k, v in split.items()) if split else ""
+            note = " ".join(f"{k} {v:.0%}" if v < 1 else f"{k} {v:.1f}" for k, v in split.items()) if split else ""
+            trainer += " (vLLM)" if args.vllm and trainer == "rloo" else ""
             print(f"{trainer:<13} {settings:<58} {seconds:7.2f} {tokens / seconds:9.0f} "
                   f"{'-' if peak is None else f'{peak:.1f}':>9}  {note}", flush=True)
     if "generate" in parts:
-        batch, new, p, k, results = compare_generate(cfg)
+        batch, new, p, k, results = compare_generate(cfg, args.vllm)
         (theirs, a), (ours, b), (rloo, c) = results["transformers"], results["ours"], results["rloo"]
         print(f"generate, greedy, {batch} prompts × ≤ {new} new tokens: transformers {theirs:.1f} s "
               f"({sum(map(len, a)) / theirs:.0f} tokens/s), ours {ours:.1f} s ({sum(map(len, b)) / ours:.0f} tokens/s, "
               f"{theirs / ours:.2f}×), same tokens: {a == b}")
         print(f"generate, RLOO's sampling, {p} prompts × K {k} at T 1, ≤ {new} new tokens: ours {rloo:.1f} s "
               f"({sum(map(len, c)) / rloo:.0f} tokens/s)")
+        if args.vllm:
+            (greedy, d), (sampled, e) = results["vllm"], results["vllm rloo"]
+            print(f"vLLM engine: start {results['start']:.1f} s; greedy {greedy:.1f} s ({sum(map(len, d)) / greedy:.0f} "
+                  f"tokens/s, {ours / greedy:.2f}× ours), same tokens as ours: {d == b}; RLOO's sampling {sampled:.1f} s "
+                  f"({sum(map(len, e)) / sampled:.0f} tokens/s)")
 
 
 if __name__ == "__main__":
