@@ -31,9 +31,9 @@ import torch
 
 from common import (InputError, adamw, all_sum, check_args, collate, device_and_dtype, encode, end_processes,
                     hub_dataset, load_model, load_puzzles, load_tokenizer, log_metrics, make_sampler, mixed_precision,
-                    my_share, read_jsonl, restore_rng_states, resume_point, run, run_dir, save_checkpoint,
-                    seed_everything, sequence_logprobs, sft_run, start_processes, sync_if, training_forward,
-                    warmup_cosine)
+                    my_share, rank_and_world, read_jsonl, restore_rng_states, resume_point, run, run_dir,
+                    save_checkpoint, seed_everything, sequence_logprobs, sft_run, start_processes, sync_if,
+                    training_forward, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
 from tools import tool_loop, tool_names, tool_query
 
@@ -145,6 +145,53 @@ def score_completions(task, prompts, texts, reward_model=None, stopped=None):
     return rm.score(model, tokenizer, [p["text"] for p in prompts], texts, ends=stopped)
 
 
+def score_runs(runs, prompts, tokenizer, task, rm, device):
+    """(task rewards, decoded texts) of roll_out's runs; a reward model visits the accelerator only while it scores."""
+    texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in runs]
+    with _Visit(rm[0] if rm else None, device):
+        return score_completions(task, prompts, texts, rm, [r["stopped"] for r in runs]).float(), texts
+
+
+def roll_out(sample, tokenizer, prompt_ids, args, temperature):
+    """One dict per prompt: "ids" (the completion), "spans" (the model's tokens in it), "stopped", "calls",
+    "invalid": the tool loop with --tools, else plain sampling (all of the completion is the model's)."""
+    if args.tools:
+        return tool_loop(sample, tokenizer, prompt_ids, args.max_new_tokens, args.max_calls, tool_names(args.tools),
+                         temperature=temperature, top_p=args.top_p)
+    completions, stopped = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                  top_p=args.top_p)
+    return [{"ids": c, "spans": [(0, len(c))], "stopped": s, "calls": 0, "invalid": 0}
+            for c, s in zip(completions, stopped)]
+
+
+def penalties(runs, args):
+    """What is taken off each sample's task reward: a completion cut at the length limit, and the tool loop's calls."""
+    stopped, calls, invalid = (torch.tensor([r[key] for r in runs], dtype=torch.float32)
+                               for key in ("stopped", "calls", "invalid"))
+    return args.overlong_penalty * (1 - stopped) + args.call_penalty * calls + args.invalid_call_penalty * invalid
+
+
+def log_step(out_dir, step, args, step_loss, task_rewards, kls, live, runs, seconds):
+    """One log line of the step, over every process's samples (summed across them). kls: None with β = 0 (no π_ref,
+    no KL measured)."""
+    world = rank_and_world()[1]
+    kl = torch.cat(kls) if kls else torch.zeros(0)
+    (loss_sum, reward, right, formatted, kl_sum, kl_n, live_n, prompts_n, length, stops, calls, invalid, n) = all_sum(
+        torch.tensor([step_loss, task_rewards.sum(), (task_rewards == 1).sum(), (task_rewards > 0).sum(), kl.sum(),
+                      len(kl), live.sum(), len(live), sum(len(r["ids"]) for r in runs), sum(r["stopped"] for r in runs),
+                      sum(r["calls"] for r in runs), sum(r["invalid"] for r in runs), len(runs)], dtype=torch.float64)
+    ).tolist()
+    metrics = {"loss": loss_sum / world, "reward": reward / n}
+    if args.task == "countdown":
+        metrics |= {"acc": right / n, "format": formatted / n}
+    if kls is not None:
+        metrics["kl"] = kl_sum / kl_n
+    if args.tools:
+        metrics |= {"calls": calls / n, "invalid": invalid / n}
+    log_metrics(out_dir, step, args.steps, metrics | {"live": live_n / prompts_n, "len": length / n,
+                                                      "stopped": stops / n, "time": seconds})
+
+
 # ------------------------------------------------------------------------------------------- main
 
 def check_flags(args):
@@ -217,26 +264,10 @@ def main(args):
         return save_checkpoint(out_dir, step, model, tokenizer, args, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
-    def on_device(m):  # π_ref / the reward model visit the accelerator only while they are used
-        return _Visit(m, device)
-
-    def roll_out(prompt_ids, temperature):
-        """One dict per prompt: "ids" (the completion), "spans" (the model's tokens in it), "stopped", "calls",
-        "invalid": the tool loop with --tools, else plain sampling (all of the completion is the model's)."""
-        if args.tools:
-            return tool_loop(sample, tokenizer, prompt_ids, args.max_new_tokens, args.max_calls, tool_names(args.tools),
-                             temperature=temperature, top_p=args.top_p)
-        completions, stopped = sample(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                                      top_p=args.top_p)
-        return [{"ids": c, "spans": [(0, len(c))], "stopped": s, "calls": 0, "invalid": 0}
-                for c, s in zip(completions, stopped)]
-
     def evaluate(step):
         model.eval()
-        runs = roll_out([p["ids"] for p in held_prompts], temperature=0)
-        texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in runs]
-        with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, held_prompts, texts, rm, [r["stopped"] for r in runs])
+        runs = roll_out(sample, tokenizer, [p["ids"] for p in held_prompts], args, temperature=0)
+        rewards, _ = score_runs(runs, held_prompts, tokenizer, args.task, rm, device)
         metrics = {"eval_reward": rewards.mean().item()}
         if args.task == "countdown":
             metrics |= {"eval_acc": (rewards == 1).float().mean().item(), "eval_format": (rewards > 0).float().mean().item()}
@@ -253,22 +284,16 @@ def main(args):
         prompts = my_share(prompts, args.prompts_per_step, "--prompts-per-step")
         model.eval()
         repeated = [p for p in prompts for _ in range(args.k)]
-        runs = roll_out([p["ids"] for p in repeated], args.temperature)
-        completions, stopped = [r["ids"] for r in runs], [r["stopped"] for r in runs]
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        with on_device(rm[0] if rm else None):
-            rewards = score_completions(args.task, repeated, texts, rm, stopped).float()
-        task_rewards = rewards.clone()
-        calls, invalid = (torch.tensor([r[key] for r in runs], dtype=torch.float32) for key in ("calls", "invalid"))
-        rewards -= args.overlong_penalty * (~torch.tensor(stopped)).float() + args.call_penalty * calls \
-            + args.invalid_call_penalty * invalid
+        runs = roll_out(sample, tokenizer, [p["ids"] for p in repeated], args, args.temperature)
+        task_rewards, texts = score_runs(runs, repeated, tokenizer, args.task, rm, device)
+        rewards = task_rewards - penalties(runs, args)
         # the model's tokens only: a tool response is context, never scored (spans: tools.tool_loop)
         examples = [{"input_ids": p["ids"] + r["ids"], "prompt_len": len(p["ids"]),
                      "spans": [(len(p["ids"]) + start, len(p["ids"]) + end) for start, end in r["spans"]]}
                     for p, r in zip(repeated, runs)]
         ref_logps = torch.zeros(len(examples))
         if ref is not None:
-            with on_device(ref), torch.no_grad():
+            with _Visit(ref, device), torch.no_grad():   # π_ref visits the accelerator only while it is used
                 ref_logps = torch.cat([_logps(partial(sequence_logprobs, ref), examples[i:i + args.micro_prompts * args.k],
                                               tokenizer, args, autocast, device)
                                        for i in range(0, len(examples), args.micro_prompts * args.k)]).cpu()
@@ -306,22 +331,9 @@ def main(args):
         if vllm:
             vllm.load_weights(model)
 
-        if step % args.log_every == 0 or step == args.steps:   # every process's samples, summed
-            kl = torch.cat(kls) if kls else torch.zeros(0)
-            (loss_sum, reward, right, formatted, kl_sum, kl_n, live_n, prompts_n, length, stops, n) = all_sum(torch.tensor(
-                [step_loss, task_rewards.sum(), (task_rewards == 1).sum(), (task_rewards > 0).sum(), kl.sum(), len(kl),
-                 live.sum(), len(live), sum(map(len, completions)), sum(stopped), len(completions)], dtype=torch.float64)
-            ).tolist()
-            metrics = {"loss": loss_sum / world, "reward": reward / n}
-            if args.task == "countdown":
-                metrics |= {"acc": right / n, "format": formatted / n}
-            if ref is not None:  # with β = 0 there is no π_ref, and no KL is measured
-                metrics["kl"] = kl_sum / kl_n
-            if args.tools:
-                calls_sum, invalid_sum = all_sum(torch.stack([calls.sum(), invalid.sum()]).double()).tolist()
-                metrics |= {"calls": calls_sum / n, "invalid": invalid_sum / n}
-            metrics |= {"live": live_n / prompts_n, "len": length / n, "stopped": stops / n, "time": time.time() - tick}
-            log_metrics(out_dir, step, args.steps, metrics)
+        if step % args.log_every == 0 or step == args.steps:
+            log_step(out_dir, step, args, step_loss, task_rewards, kls if ref is not None else None, live, runs,
+                     time.time() - tick)
             tick = time.time()
         if args.sample_every and step % args.sample_every == 0:
             print(f"  sample (reward {task_rewards[0]:.2f}): {texts[0]!r}")

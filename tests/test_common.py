@@ -74,6 +74,7 @@ def test_chat_template_is_qwen_style_and_our_system_turn_replaces_the_default(to
                                            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.math
 def test_encode_ends_with_the_end_token_and_marks_the_prompt_length(tokenizer):
     raw = encode(tokenizer, "Q: 1+1?", " 2")
     assert raw["input_ids"][-1] == tokenizer.eos_token_id
@@ -92,6 +93,7 @@ def test_control_tokens_written_inside_a_completion_are_plain_text(tokenizer):
     assert tokenizer.decode(completion[:-1]) == text
 
 
+@pytest.mark.math
 def test_masks_come_from_lengths_even_when_pad_equals_eos(tokenizer):
     a, b = encode(tokenizer, "Q: 1+1?", " 2"), encode(tokenizer, "Q: a longer question?", " a longer answer")
     batch = collate([a, b], tokenizer.pad_token_id)
@@ -121,6 +123,7 @@ def _batch(tokenizer):
     return collate(examples, tokenizer.pad_token_id)
 
 
+@pytest.mark.math
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sequence_logprobs_equal_a_naive_log_softmax_gather(model, tokenizer, temperature):
     batch = _batch(tokenizer)
@@ -132,6 +135,7 @@ def test_sequence_logprobs_equal_a_naive_log_softmax_gather(model, tokenizer, te
     torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.math
 def test_sequence_logprobs_equal_the_transformers_loss(model, tokenizer):
     batch = _batch(tokenizer)
     for i in range(3):
@@ -144,6 +148,7 @@ def test_sequence_logprobs_equal_the_transformers_loss(model, tokenizer):
         torch.testing.assert_close(ours[0], -loss * n, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.math
 def test_prompt_and_pad_tokens_never_change_the_logprob_or_its_gradient(model, tokenizer):
     a = encode(tokenizer, "Q: 1+1?", " 2")
     alone = collate([a], tokenizer.pad_token_id)
@@ -165,6 +170,7 @@ def test_prompt_and_pad_tokens_never_change_the_logprob_or_its_gradient(model, t
     assert (g[:p - 1] == 0).all() and (g[p - 1:n - 1] > 0).all() and g[n - 1] == 0
 
 
+@pytest.mark.math
 def test_temperature_scales_logits_before_the_softmax(model, tokenizer):
     batch = _batch(tokenizer)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import dpo
 from calculator import synthetic_warmstart
 
 
+@pytest.mark.math
 def test_eq7_dpo_loss_is_log2_when_policy_equals_reference():
     logps = torch.tensor([-12.0, -3.5, -40.0])
     loss, chosen, rejected = dpo.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
@@ -17,6 +18,7 @@ def test_eq7_dpo_loss_is_log2_when_policy_equals_reference():
     assert chosen.tolist() == [0, 0, 0] and rejected.tolist() == [0, 0, 0]
 
 
+@pytest.mark.math
 def test_eq4_implicit_rewards_and_eq7_hand_value():
     # policy −10 / −20, reference −12 / −18, β 0.5: r_w = 0.5·2 = 1, r_l = 0.5·(−2) = −1
     loss, chosen, rejected = dpo.dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
@@ -25,6 +27,7 @@ def test_eq4_implicit_rewards_and_eq7_hand_value():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)))  # −log σ(2)
 
 
+@pytest.mark.math
 def test_eq7_gradient_raises_chosen_and_lowers_rejected():
     chosen, rejected = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
     dpo.dpo_loss(chosen, rejected, torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.1)[0].backward()
@@ -32,6 +35,7 @@ def test_eq7_gradient_raises_chosen_and_lowers_rejected():
     assert chosen.grad.item() == pytest.approx(-0.05)      # −β σ(0) = −0.1 · 0.5
 
 
+@pytest.mark.math
 def test_padding_and_prompt_tokens_never_change_the_loss(model, tokenizer):
     autocast = torch.autocast("cpu", enabled=False)
     pair = (common.encode(tokenizer, "Q: 2+2?", " 4"), common.encode(tokenizer, "Q: 2+2?", " 5"))

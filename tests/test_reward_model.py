@@ -25,6 +25,7 @@ def synthetic_preferences(n, seed):
     return rows
 
 
+@pytest.mark.math
 def test_eq9_bt_loss_is_log2_at_equality_and_matches_a_hand_value():
     r = torch.tensor([0.3, -2.0, 5.0])
     assert reward_model.bt_loss(r, r).item() == pytest.approx(math.log(2))
@@ -38,6 +39,7 @@ def rm(tokenizer):
     return common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu", seed=0, reward=True)
 
 
+@pytest.mark.math
 def test_score_is_the_same_batched_and_one_at_a_time(rm, tokenizer):
     prompts = ["Tell me about eggs.", "A much longer question about trains and rivers and maps?", "Hi"]
     responses = ["Sure.", "A long answer " * 10, "Hello! <|endoftext|>"]
@@ -46,6 +48,7 @@ def test_score_is_the_same_batched_and_one_at_a_time(rm, tokenizer):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.math
 def test_reward_is_read_at_the_last_real_token_even_when_it_is_the_pad_id(rm, tokenizer):
     # a response that ends in the pad id itself: a pad-id search would read the wrong position
     e = reward_model.encode_pair(tokenizer, "Q", "A")

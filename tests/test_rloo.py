@@ -7,11 +7,13 @@ import torch
 import rloo
 
 
+@pytest.mark.math
 def test_eq8_advantages_by_hand():
     a = rloo.rloo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
     torch.testing.assert_close(a, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
 
 
+@pytest.mark.math
 def test_eq8_advantages_match_a_naive_loop_and_sum_to_zero_per_prompt():
     rewards = torch.rand(5, 6, generator=torch.Generator().manual_seed(0))
     a = rloo.rloo_advantages(rewards)
@@ -22,6 +24,7 @@ def test_eq8_advantages_match_a_naive_loop_and_sum_to_zero_per_prompt():
     torch.testing.assert_close(a.sum(1), torch.zeros(5), atol=1e-6, rtol=0)
 
 
+@pytest.mark.math
 def test_prompts_never_mix():
     rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.1, 0.0]])
     changed = rewards.clone()
@@ -30,6 +33,7 @@ def test_prompts_never_mix():
     torch.testing.assert_close(rloo.rloo_advantages(rewards)[0], rloo.rloo_advantages(changed)[0])
 
 
+@pytest.mark.math
 def test_equal_rewards_give_a_zero_gradient():
     logps = torch.tensor([[-3.0, -5.0, -2.0]], requires_grad=True)
     loss = rloo.rloo_loss(rloo.rloo_advantages(torch.full((1, 3), 0.7)), logps, n_sequences=3)
@@ -37,6 +41,7 @@ def test_equal_rewards_give_a_zero_gradient():
     assert (logps.grad == 0).all()
 
 
+@pytest.mark.math
 def test_only_prompts_with_differing_rewards_are_informative():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.1], [0.0, 0.0, 0.1]])
     assert rloo.informative_prompts(rewards).tolist() == [False, True, False, True]
@@ -60,6 +65,7 @@ def test_skipping_uninformative_prompts_leaves_the_update_unchanged(tmp_path, mo
         torch.testing.assert_close(p, q, **tolerance)
 
 
+@pytest.mark.math
 def test_loss_is_minus_the_advantage_weighted_logprob_per_sequence():
     logps = torch.tensor([[-2.0, -4.0]], requires_grad=True)
     advantages = torch.tensor([[1.0, -1.0]])
@@ -69,6 +75,7 @@ def test_loss_is_minus_the_advantage_weighted_logprob_per_sequence():
     torch.testing.assert_close(logps.grad, torch.tensor([[-0.25, 0.25]]))  # descent raises the better sample
 
 
+@pytest.mark.math
 def test_eq2_kl_is_folded_into_the_reward_without_gradient():
     rewards = torch.tensor([1.0, 0.0])
     policy = torch.tensor([-3.0, -6.0], requires_grad=True)

@@ -21,6 +21,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+@pytest.mark.math
 def test_eq6_sft_loss_is_the_per_token_mean_of_negative_logprobs():
     # two sequences with completion log-probs summing to −3 and −1, over 4 completion tokens in the step
     assert sft.sft_loss(torch.tensor([-3.0, -1.0]), n_tokens=4).item() == pytest.approx(1.0)
@@ -28,6 +29,7 @@ def test_eq6_sft_loss_is_the_per_token_mean_of_negative_logprobs():
     assert sft.sft_loss(torch.tensor([-3.0]), n_tokens=6).item() == pytest.approx(0.5)
 
 
+@pytest.mark.math
 def test_accumulating_4_quarter_batches_gives_the_gradient_of_one_batch(model, tokenizer):
     rows = synthetic_warmstart(8, seed=1)
     examples = [common.encode(tokenizer, r["query"], r["completion"]) for r in rows]
