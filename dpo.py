@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common import (InputError, adamw, all_sum, barrier, check_args, collate, device_and_dtype, encode, end_processes,
-                    hold_out, length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics, make_sampler,
+                    hold_out, length_grouped_batches, load_model, load_puzzles, load_tokenizer, log_metrics,
                     mixed_precision, my_share, preference_pairs, rank_and_world, read_jsonl, resolve_checkpoint,
                     restore_rng_states, resume_point, run, run_dir, save_checkpoint, seed_everything,
                     sequence_logprobs, sft_run, start_processes, sync_if, training_forward, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
+from sampling import make_sampler
 
 
 @dataclass

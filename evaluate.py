@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from calculator import SHAPES, solve
-from common import (InputError, check_args, encode, hub_dataset, load_puzzles, load_tokenizer, make_sampler, puzzle,
+from common import (InputError, check_args, encode, hub_dataset, load_puzzles, load_tokenizer, puzzle,
                     read_jsonl, run, run_dir, seed_everything)
 from countdown_reward import score_response, warmstart_query
+from sampling import make_sampler
 from tools import tool_loop, tool_names, tool_query, uses_tool_answer
 
 

@@ -30,11 +30,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from common import (InputError, adamw, all_sum, check_args, collate, device_and_dtype, encode, end_processes,
-                    hub_dataset, load_model, load_puzzles, load_tokenizer, log_metrics, make_sampler, mixed_precision,
+                    hub_dataset, load_model, load_puzzles, load_tokenizer, log_metrics, mixed_precision,
                     my_share, rank_and_world, read_jsonl, restore_rng_states, resume_point, run, run_dir,
                     save_checkpoint, seed_everything, sequence_logprobs, sft_run, start_processes, sync_if,
                     training_forward, warmup_cosine)
 from countdown_reward import score_response, warmstart_query
+from sampling import make_sampler
 from tools import tool_loop, tool_names, tool_query
 
 

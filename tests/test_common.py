@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import sampling
 from common import collate, encode, parse_args, sequence_logprobs
 from countdown_reward import warmstart_query
 
@@ -188,7 +189,7 @@ def test_generate_stops_cuts_and_never_samples_unknown_ids(tokenizer):
         model.get_output_embeddings().weight[len(tokenizer):] *= 50
     prompt = encode(tokenizer, "Q")["input_ids"]
     torch.manual_seed(0)
-    completions, stopped = common.generate(model, tokenizer, [prompt] * 8, max_new_tokens=12, temperature=1.0)
+    completions, stopped = sampling.generate(model, tokenizer, [prompt] * 8, max_new_tokens=12, temperature=1.0)
     assert all(t < len(tokenizer) for c in completions for t in c)
     stops = set(common.stop_token_ids(tokenizer))
     for c, s in zip(completions, stopped):
@@ -197,8 +198,8 @@ def test_generate_stops_cuts_and_never_samples_unknown_ids(tokenizer):
 
 def test_greedy_generation_is_deterministic(model, tokenizer):
     prompt = encode(tokenizer, "Q")["input_ids"]
-    a = common.generate(model, tokenizer, [prompt], max_new_tokens=8, temperature=0)
-    b = common.generate(model, tokenizer, [prompt, encode(tokenizer, "a longer prompt")["input_ids"]], max_new_tokens=8, temperature=0)
+    a = sampling.generate(model, tokenizer, [prompt], max_new_tokens=8, temperature=0)
+    b = sampling.generate(model, tokenizer, [prompt, encode(tokenizer, "a longer prompt")["input_ids"]], max_new_tokens=8, temperature=0)
     assert a[0][0] == b[0][0]  # left padding in a batch changes nothing
 
 

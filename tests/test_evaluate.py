@@ -11,6 +11,7 @@ import torch
 
 import common
 import evaluate
+import sampling
 from countdown_reward import score_response
 
 RIGHT91, WRONG91 = "<think>\n36 - 32 = 4\n</think>\n<answer>95 - (36 - 32)</answer>", "<answer>95 - 36 - 32</answer>"
@@ -75,8 +76,8 @@ def test_win_rate_is_the_specs_with_ties_half_beside_it():
 
 def test_repetition_penalty_reaches_generation(model, tokenizer):
     prompt = common.encode(tokenizer, "Q: 1 1 1 1 ?")["input_ids"]
-    plain, _ = common.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0)
-    penalised, _ = common.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0, repetition_penalty=1e6)
+    plain, _ = sampling.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0)
+    penalised, _ = sampling.generate(model, tokenizer, [prompt], max_new_tokens=12, temperature=0, repetition_penalty=1e6)
     assert len(set(plain[0])) < len(plain[0])                            # greedy repeats itself here …
     assert len(set(penalised[0])) == len(penalised[0]) and not set(penalised[0]) & set(prompt)   # … penalised, never
 
@@ -235,8 +236,8 @@ def test_tiny_ultrafeedback_run_with_a_local_judge(tmp_path, tokenizer):
 
 def test_batch_size_reaches_generate_and_a_puzzle_file_starts_at_its_first_row(tmp_path, monkeypatch):
     seen = []
-    real = common.generate
-    monkeypatch.setattr(common, "generate", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    real = sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
     puzzles = tmp_path / "p.jsonl"
     puzzles.write_text('{"target": 3, "num": [1, 2]}\n{"target": 10, "num": [2, 5]}\n')
     results = evaluate.main(evaluate.Args(model="tiny", puzzles=str(puzzles), n=2, batch_size=1, max_new_tokens=4,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import sampling
 import testbed
 from countdown_reward import warmstart_query
 
@@ -182,13 +183,13 @@ def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs):
 def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch):
     import dpo
     sampled = []
-    real_generate = common.generate
+    real_generate = sampling.generate
 
     def spy(*args, **kwargs):
         completions, stopped = real_generate(*args, **kwargs)
         sampled.extend(completions)
         return completions, stopped
-    monkeypatch.setattr(common, "generate", spy)   # the pairs' sampler (make_sampler's, vLLM off on a CPU)
+    monkeypatch.setattr(sampling, "generate", spy)   # the pairs' sampler (make_sampler's, vLLM off on a CPU)
     # a random model scores 0 everywhere; score by length so every puzzle yields a pair
     monkeypatch.setattr(dpo, "score_response", lambda text, puzzle: float(len(text)))
     dpo.main(dpo.Args(model="qwen-random", data="countdown", puzzles="3to4:train", pair_prompts=2, pair_samples=2,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import sampling
 import sft
 from calculator import synthetic_warmstart
 from countdown_reward import score_response
@@ -58,7 +59,7 @@ def test_sft_memorises_a_few_dozen_countdown_examples(tmp_path, capsys):
     evals = [json.loads(line)["eval_loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
              if "eval_loss" in line]
     assert evals[-1] < 0.75 * evals[0]           # held-out loss falls well below its start (~6.6)
-    completions, _ = common.generate(model.eval(), tokenizer, [common.encode(tokenizer, r["query"])["input_ids"] for r in rows[:32]],
+    completions, _ = sampling.generate(model.eval(), tokenizer, [common.encode(tokenizer, r["query"])["input_ids"] for r in rows[:32]],
                                      max_new_tokens=64, temperature=0)
     solved = sum(score_response(tokenizer.decode(c, skip_special_tokens=True), r) == 1.0 for c, r in zip(completions, rows))
     assert solved >= 26                           # of 32; a random model solves none

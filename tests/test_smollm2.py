@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import sampling
 import testbed
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,7 +46,7 @@ def test_smollm2_is_the_instruct_model_and_answers(smol, tokenizer):
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0 == tokenizer.unk_token_id
     assert common.stop_token_ids(tokenizer) == [0, 2]   # <|endoftext|> is a stop although it is also the unknown token
     prompt = common.encode(tokenizer, "What is the capital of France? Answer in one sentence.", chat=True)["input_ids"]
-    (answer,), (stopped,) = common.generate(model, tokenizer, [prompt], max_new_tokens=24, temperature=0)
+    (answer,), (stopped,) = sampling.generate(model, tokenizer, [prompt], max_new_tokens=24, temperature=0)
     assert "Paris" in tokenizer.decode(answer) and stopped and answer[-1] == 2   # real weights; it ends its turn
 
 

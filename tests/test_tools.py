@@ -13,6 +13,7 @@ import calculator
 import common
 import evaluate
 import rloo
+import sampling
 import tools
 from countdown_reward import evaluate_expression, score_response
 
@@ -113,11 +114,11 @@ def test_the_call_limit_and_the_token_budget_end_an_answer(tokenizer):
 def test_generate_stops_after_the_token_that_completes_a_stop_string(tokenizer, model):
     prompt = [common.encode(tokenizer, "Using the numbers [1, 2, 3], create")["input_ids"]]
     torch.manual_seed(0)
-    free, _ = common.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0)
+    free, _ = sampling.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0)
     text = tokenizer.decode(free[0])
     stop = text[60:64]                                # four characters the model does write, mid-completion
     torch.manual_seed(0)                              # the same draws up to the stop
-    cut, stopped = common.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0, stop_strings=(stop,))
+    cut, stopped = sampling.generate(model, tokenizer, prompt, max_new_tokens=24, temperature=1.0, stop_strings=(stop,))
     first = next(n for n in range(1, len(free[0]) + 1) if stop in tokenizer.decode(free[0][:n]))
     assert 3 < first < len(free[0]) and cut[0] == free[0][:first] and stopped == [True]
 
@@ -138,7 +139,7 @@ PROMPTS = ["Using the numbers [1, 2, 3], create", "a longer prompt, with more wo
 
 def transformers_generate(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0,
                           repetition_penalty=1.0, stop_strings=()):
-    """transformers' own generate, as common.generate asks for it (left padding, every setting explicit), each row cut
+    """transformers' own generate, as sampling.generate asks for it (left padding, every setting explicit), each row cut
     after its first stop token, or after the token that completes a stop string: the reference."""
     from transformers import GenerationConfig
     stops, sample = common.stop_token_ids(tokenizer), temperature > 0
@@ -161,7 +162,7 @@ def transformers_generate(model, tokenizer, prompts, max_new_tokens, temperature
 
 
 def test_generate_samples_as_transformers_generate_does(tokenizer, chaotic):
-    # our decoding loop (common._decode: one KV cache, a finished sequence leaving the batch, a harness that may
+    # our decoding loop (sampling._decode: one KV cache, a finished sequence leaving the batch, a harness that may
     # write between tokens) against transformers' generate: the same tokens. Sampled (temperature, top-p, repetition
     # penalty) from the same seed, the same draws while no sequence ends (one that ends leaves our batch, not
     # generate's: the draws part); greedy, with one that ends early; a prompt given twice is read once, and both
@@ -174,14 +175,14 @@ def test_generate_samples_as_transformers_generate_does(tokenizer, chaotic):
                            ({"temperature": 0, "stop_strings": (stop,)}, prompts),
                            ({"temperature": 0}, [prompts[0], prompts[1], prompts[0], prompts[0]])):
         torch.manual_seed(1)
-        ours = common.generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
+        ours = sampling.generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
         torch.manual_seed(1)
         assert ours == transformers_generate(chaotic, tokenizer, some, max_new_tokens=30, **settings)
         assert len(set(map(tuple, ours[0]))) == len(set(map(tuple, some)))
         if "stop_strings" in settings:
             assert ours[1][2] and 3 < len(ours[0][2]) < 30 and len(ours[0][0]) == 30
     torch.manual_seed(1)
-    sampled, _ = common.generate(chaotic, tokenizer, [prompts[0]] * 3, max_new_tokens=30, temperature=1.0)
+    sampled, _ = sampling.generate(chaotic, tokenizer, [prompts[0]] * 3, max_new_tokens=30, temperature=1.0)
     assert len(set(map(tuple, sampled))) == 3    # copies of a prompt share its prefill, not their draws
 
 
@@ -190,7 +191,7 @@ def test_the_tool_loop_between_tokens_is_the_loop_in_rounds(tokenizer, chaotic, 
     # exactly what rounds write (each round re-reads its prefix): the same tokens, spans and calls. The model
     # writes no calls: "the" stands for </tool_call>, a "call" without <tool_call> gets an error back
     monkeypatch.setattr(tools, "CALL_CLOSE", "the")
-    sample, _ = common.make_sampler(tokenizer, "tiny", chaotic, use_vllm=False)
+    sample, _ = sampling.make_sampler(tokenizer, "tiny", chaotic, use_vllm=False)
     assert sample.responds
     prompts = [common.encode(tokenizer, p)["input_ids"] for p in PROMPTS]
     between = tools.tool_loop(sample, tokenizer, prompts, max_new_tokens=240, max_calls=2, temperature=0)

@@ -10,6 +10,7 @@ import common
 import dpo
 import reward_model
 import rloo
+import sampling
 import sft
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -130,9 +131,9 @@ def test_generate_runs_under_the_trainers_autocast(model, tokenizer, monkeypatch
     seen = []
     hook = model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
     prompt = [common.encode(tokenizer, "Q: 1 + 2 ?")["input_ids"]]
-    fp32, _ = common.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
-    monkeypatch.setattr(common, "device_and_dtype", lambda: ("cpu", torch.bfloat16))
-    common.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
+    fp32, _ = sampling.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
+    monkeypatch.setattr(sampling, "device_and_dtype", lambda: ("cpu", torch.bfloat16))
+    sampling.generate(model, tokenizer, prompt, max_new_tokens=4, temperature=0)
     hook.remove()
     assert seen[:len(seen) // 2] == [False] * (len(seen) // 2) and all(seen[len(seen) // 2:])
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import common
+import sampling
 import vllm_sampler
 
 MAX_IDS = 1024
@@ -66,7 +67,7 @@ def vllm(monkeypatch):
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)   # found by importlib.util.find_spec
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(common, "device_and_dtype", lambda: ("cuda", torch.bfloat16))   # what make_sampler checks
+    monkeypatch.setattr(sampling, "device_and_dtype", lambda: ("cuda", torch.bfloat16))   # what make_sampler checks
     LLM.started = []
     return module
 
@@ -85,11 +86,11 @@ def test_the_sampler_fits_vllms_id_caps_at_qwens_vocabulary(vllm):
 def test_under_torchrun_each_process_has_its_own_engine_gpu_and_seed(vllm, tmp_path, monkeypatch):
     tokenizer = common.load_tokenizer("tiny")
     tokenizer.save_pretrained(tmp_path)   # a folder to start from (the stand-in reads nothing from it)
-    monkeypatch.setattr(common, "rank_and_world", lambda: (1, 2))   # the second of two processes
+    monkeypatch.setattr(sampling, "rank_and_world", lambda: (1, 2))   # the second of two processes
     monkeypatch.setenv("LOCAL_RANK", "1")
-    common.make_sampler(tokenizer, str(tmp_path), seed=3)
-    monkeypatch.setattr(common, "rank_and_world", lambda: (0, 1))   # one process: vLLM's default executor
-    common.make_sampler(tokenizer, str(tmp_path), seed=3)
+    sampling.make_sampler(tokenizer, str(tmp_path), seed=3)
+    monkeypatch.setattr(sampling, "rank_and_world", lambda: (0, 1))   # one process: vLLM's default executor
+    sampling.make_sampler(tokenizer, str(tmp_path), seed=3)
     (second, alone) = LLM.started
     assert (second.device, second.seed) == ("cuda:1", 4) and (alone.device, alone.seed) == ("cuda:0", 3)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import sampling
 import vllm_sampler
 
 if importlib.util.find_spec("vllm") is None:
@@ -41,7 +42,7 @@ def engine(tiny):
     random.seed(7)
     expected = (random.random(), torch.get_num_threads())
     random.seed(7)
-    sample, engine = common.make_sampler(tokenizer, folder, use_vllm=True, seed=3)
+    sample, engine = sampling.make_sampler(tokenizer, folder, use_vllm=True, seed=3)
     return sample, engine, (random.random(), torch.get_num_threads()) == expected
 
 
@@ -56,7 +57,7 @@ def test_starting_the_engine_leaves_the_rngs_and_torch_threads(engine):
 def test_greedy_matches_ours_and_the_weight_push_changes_then_restores_it(engine, tiny):
     sample, eng, _ = engine
     _, model, tokenizer, prompts = tiny
-    ours, _ = common.generate(model, tokenizer, prompts, max_new_tokens=16, temperature=0)
+    ours, _ = sampling.generate(model, tokenizer, prompts, max_new_tokens=16, temperature=0)
     before, _ = sample(prompts, max_new_tokens=16, temperature=0)
     assert before == ours                                         # fp32 engine, fp32 model: token for token
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -67,7 +68,7 @@ def test_greedy_matches_ours_and_the_weight_push_changes_then_restores_it(engine
         eng.load_weights(model)
         changed, _ = sample(prompts, max_new_tokens=16, temperature=0)
         assert sum(a != b for a, b in zip(changed, before)) >= len(prompts) // 2
-        assert changed == common.generate(model, tokenizer, prompts, max_new_tokens=16, temperature=0)[0]
+        assert changed == sampling.generate(model, tokenizer, prompts, max_new_tokens=16, temperature=0)[0]
     finally:
         model.load_state_dict(saved)
         eng.load_weights(model)
@@ -102,7 +103,7 @@ def test_stop_tokens_are_kept_and_spare_rows_never_sampled(engine, tiny):
 def smollm2():
     tokenizer = common.load_tokenizer("smollm2")
     model = common.load_model("smollm2", tokenizer, dtype=torch.float32, device="cpu")
-    sample, _ = common.make_sampler(tokenizer, "smollm2", use_vllm=True)
+    sample, _ = sampling.make_sampler(tokenizer, "smollm2", use_vllm=True)
     return sample, model, tokenizer
 
 
@@ -134,7 +135,7 @@ def test_rloo_samples_with_the_engine_and_pushes_every_step(tiny, tmp_path, monk
                                     sample_every=0, vllm=True, out_dir=str(tmp_path / "o")))
     assert len(pushed) == 2 and pushed[0] is pushed[1]
     engine_greedy, _ = pushed[0].generate(prompts, max_new_tokens=12, temperature=0)
-    assert engine_greedy == common.generate(policy, tokenizer, prompts, max_new_tokens=12, temperature=0)[0]
+    assert engine_greedy == sampling.generate(policy, tokenizer, prompts, max_new_tokens=12, temperature=0)[0]
 
 
 def test_dpo_samples_its_countdown_pairs_with_the_engine(tiny, tmp_path, monkeypatch):
