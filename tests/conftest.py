@@ -19,3 +19,10 @@ def tokenizer():
 def model(tokenizer):
     torch.manual_seed(0)
     return common.load_model("tiny", tokenizer, dtype=torch.float32, device="cpu")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`pytest -m math` (the equations' tests, in seconds): files without such a test are not even imported."""
+    if config.getoption("markexpr") == "math" and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "pytest.mark.math" not in collection_path.read_text()
+    return None

@@ -1,7 +1,8 @@
-"""Runs one trainer on the tiny model for tests/test_distributed.py, as one process or under torchrun.
+"""Runs trainers on the tiny model for tests/test_distributed.py, as one process or under torchrun: each in turn,
+into OUT/<trainer> (one launch for them all: a launch costs more than the three steps).
 
-    python tests/ddp_driver.py sft OUT                                          # one process
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_driver.py sft OUT
+    python tests/ddp_driver.py sft,dpo,rm,rloo,rloo-skip OUT                    # one process
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_driver.py sft,dpo OUT
     ... tests/ddp_driver.py sft OUT per-rank-tokens                             # the bug the test must catch
 
 RLOO's samples come from a sampler that is a fixed function of the prompt and its sample index, and its reward
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import distributed  # noqa: E402
 import dpo  # noqa: E402
 import reward_model  # noqa: E402
 import rloo  # noqa: E402
@@ -44,8 +46,18 @@ def digit_share(task, prompts, texts, reward_model=None, stopped=None):
     return torch.tensor([sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts])
 
 
-def main(trainer, out_dir, mutation=""):
+def main(trainers, out_dir, mutation=""):
     torch.set_num_threads(1)
+    distributed.start_processes()   # the group (rank 1 printing nothing) is the driver's, for all the trainers: a
+    distributed._joined = False     # trainer leaves it to the driver (a group destroyed cannot be joined again)
+    for trainer in trainers.split(","):
+        run(trainer, str(Path(out_dir) / trainer), mutation)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def run(trainer, out_dir, mutation):
     if mutation == "per-rank-tokens":   # each process normalises by its own micro-batches' tokens
         real_share = sft.my_share
         sft.step_tokens = lambda batches: sum(b["completion_mask"][:, 1:].sum().item()

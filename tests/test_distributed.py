@@ -25,15 +25,18 @@ DRIVER = Path(__file__).parent / "ddp_driver.py"
 TOLERANCE = 1e-5
 
 
-def train(trainer, out_dir, processes, mutation=""):
+TRAINERS = ("sft", "dpo", "rm", "rloo", "rloo-skip")
+
+
+def train(trainers, out_dir, processes, mutation=""):
+    """Run the trainers in one launch (ddp_driver.py); {trainer: its final weights}, and the launch's stdout."""
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([*launcher, str(DRIVER), trainer, str(out_dir), mutation], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([*launcher, str(DRIVER), ",".join(trainers), str(out_dir), mutation], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    final = common.checkpoints(out_dir)[-1]
-    return load_file(final / "model.safetensors"), done.stdout
+    return {t: load_file(common.checkpoints(Path(out_dir) / t)[-1] / "model.safetensors") for t in trainers}, done.stdout
 
 
 def max_difference(a, b):
@@ -49,29 +52,29 @@ def initial_weights(trainer):
 
 
 @pytest.fixture(scope="module")
-def one_process_sft(tmp_path_factory):
-    return train("sft", tmp_path_factory.mktemp("sft-1"), 1)[0]
+def one_process(tmp_path_factory):
+    return train(TRAINERS, tmp_path_factory.mktemp("one"), 1)[0]
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "rm", "rloo", "rloo-skip"])
-def test_two_processes_train_as_one(trainer, tmp_path):
-    one, _ = train(trainer, tmp_path / "one", 1)
-    two, log = train(trainer, tmp_path / "two", 2)
-    assert max_difference(one, two) <= TOLERANCE < max_difference(one, initial_weights(trainer)) / 10
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    return train(TRAINERS, tmp_path_factory.mktemp("two"), 2)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_two_processes_train_as_one(trainer, one_process, two_processes):
+    one, (two, log) = one_process[trainer], two_processes
+    assert max_difference(one, two[trainer]) <= TOLERANCE < max_difference(one, initial_weights(trainer)) / 10
+    if trainer == "sft":
+        assert "over 2 processes" in log   # rank 0 says how the step divides; the other rank printed nothing
+        assert log.count("saved ") == len(TRAINERS)
     if trainer == "rloo-skip":   # the case the zero pass is for: a step where one process had no prompt to train on
         assert any("live 0.5" in line for line in log.splitlines())
 
 
-def test_sft_two_processes_train_as_one(one_process_sft, tmp_path):
-    two, log = train("sft", tmp_path, 2)
-    assert max_difference(one_process_sft, two) <= TOLERANCE < max_difference(one_process_sft, initial_weights("sft")) / 10
-    assert "over 2 processes" in log   # rank 0 says how the step divides; the other rank printed nothing
-    assert log.count("saved ") == 1
-
-
-def test_a_per_process_token_count_is_caught(one_process_sft, tmp_path):
-    wrong, _ = train("sft", tmp_path, 2, mutation="per-rank-tokens")
-    assert max_difference(one_process_sft, wrong) > 100 * TOLERANCE
+def test_a_per_process_token_count_is_caught(one_process, tmp_path):
+    wrong, _ = train(["sft"], tmp_path, 2, mutation="per-rank-tokens")
+    assert max_difference(one_process["sft"], wrong["sft"]) > 100 * TOLERANCE
 
 
 def test_a_step_that_does_not_divide_among_the_processes_is_one_line(monkeypatch):

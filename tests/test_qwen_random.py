@@ -139,6 +139,15 @@ def checkpoints_go_after_each_test(request):
                 shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+@pytest.fixture
+def no_checkpoint(monkeypatch):
+    """A 6 GB checkpoint is written by the SFT and reward-model tests; the others' claims are their steps."""
+    import dpo
+    import rloo
+    for trainer in (dpo, rloo):
+        monkeypatch.setattr(trainer, "save_checkpoint", lambda *args, **kwargs: None)
+
+
 def metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -172,7 +181,7 @@ def test_sft_step_at_the_real_shape(runs, qwen):
     assert common.load_tokenizer(str(out))("<|im_end|> é")["input_ids"] == qwen("<|im_end|> é")["input_ids"]
 
 
-def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs):
+def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs, no_checkpoint):
     import dpo
     dpo.main(dpo.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"), batch_size=2, grad_accum=1,
                       steps=1, eval_every=0, out_dir=str(runs / "dpo")))
@@ -180,7 +189,7 @@ def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs):
     assert step["loss"] == pytest.approx(0.6931, abs=1e-3) and step["logp_chosen"] < 0   # π_θ = π_ref at step 0
 
 
-def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch):
+def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch, no_checkpoint):
     import dpo
     sampled = []
     real_generate = sampling.generate
@@ -220,7 +229,7 @@ def test_reward_model_step_at_the_real_shape(reward_model_dir):
     assert scores.shape == (2,) and scores[0].item() == pytest.approx(scores[1].item(), abs=1e-4)   # one input, one score
 
 
-def test_rloo_countdown_step_at_the_real_shape(runs, monkeypatch):
+def test_rloo_countdown_step_at_the_real_shape(runs, monkeypatch, no_checkpoint):
     import rloo
     sampled = []
     real = rloo.make_sampler
@@ -243,7 +252,7 @@ def test_rloo_countdown_step_at_the_real_shape(runs, monkeypatch):
     assert all(t < 151665 for c in completions for t in c)
 
 
-def test_rloo_ultrafeedback_step_with_a_reward_model(runs, reward_model_dir):
+def test_rloo_ultrafeedback_step_with_a_reward_model(runs, reward_model_dir, no_checkpoint):
     import rloo
     rloo.main(rloo.Args(model="qwen-random", task="ultrafeedback", prompts=str(FIXTURES / "ultrafeedback.jsonl"),
                         reward_model=str(reward_model_dir), n_prompts=2, eval_prompts=1, k=2, prompts_per_step=1,
