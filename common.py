@@ -1,8 +1,9 @@
-"""What the trainers share: loading, tokenisation and masks, log-probs, optimiser, checkpoints, logs (sampling: sampling.py).
+"""What the trainers share: loading, tokenisation and masks, log-probs, optimiser, checkpoints, logs.
 
 Every correctness-critical piece lives here once: the completion mask (built from lengths, never from token ids:
 Qwen's pad token is its EOS), the shift by one between logits and labels, the temperature applied to log-probs of
 sampled text, the end-of-turn token inside the loss. No losses, no training loops: those are in the trainers.
+How completions are drawn (our decoding loop, or the vLLM engine) is sampling.py.
 """
 import dataclasses
 import json
