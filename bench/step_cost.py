@@ -213,7 +213,7 @@ def main():
             with contextlib.redirect_stdout(io.StringIO()):   # the trainers' own log lines
                 seconds, tokens, peak, split = run_trainer(trainer, cfg, workdir, args.vllm and trainer == "rloo")
             settings = " ".join(f"{k}={v}" for k, v in cfg[trainer].items())
-            note = " ".join(f"{k} {v:.0%}" if v < 1 else f"{k} {v:.1f}" for k, v in split.items()) if split else ""
+            note = " ".join(f"{k} {v:.1f}" if k.endswith(" s") else f"{k} {v:.0%}" for k, v in split.items()) if split else ""
             trainer += " (vLLM)" if args.vllm and trainer == "rloo" else ""
             print(f"{trainer:<13} {settings:<58} {seconds:7.2f} {tokens / seconds:9.0f} "
                   f"{'-' if peak is None else f'{peak:.1f}':>9}  {note}", flush=True)

@@ -202,7 +202,8 @@ def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch, no
     # a random model scores 0 everywhere; score by length so every puzzle yields a pair
     monkeypatch.setattr(dpo, "score_response", lambda text, puzzle: float(len(text)))
     dpo.main(dpo.Args(model="qwen-random", data="countdown", puzzles="3to4:train", pair_prompts=2, pair_samples=2,
-                      pair_max_tokens=6, batch_size=2, grad_accum=1, steps=1, eval_every=0, out_dir=str(runs / "dpo-cd")))
+                      pair_max_tokens=6, batch_size=2, grad_accum=1, steps=1, eval_every=0, vllm=False,
+                      out_dir=str(runs / "dpo-cd")))
     assert len(sampled) == 4 and all(t < 151665 for c in sampled for t in c)   # the 271 spare rows are never sampled
     pairs = common.read_jsonl(runs / "dpo-cd" / "countdown_pairs.jsonl")
     assert len(pairs) >= 1 and pairs[0]["prompt"].startswith("A conversation between User and Assistant.")

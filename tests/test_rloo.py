@@ -95,6 +95,12 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_penalties_take_the_cut_and_the_tool_calls_off_the_task_reward():
+    runs = [{"stopped": True, "calls": 0, "invalid": 0}, {"stopped": False, "calls": 2, "invalid": 1}]
+    args = rloo.Args(overlong_penalty=0.5, call_penalty=0.1, invalid_call_penalty=0.25)
+    assert rloo.penalties(runs, args).tolist() == pytest.approx([0.0, 0.5 + 2 * 0.1 + 0.25])   # by hand
+
+
 def test_rloo_raises_a_simple_verifiable_reward(tmp_path, monkeypatch):
     monkeypatch.setattr(rloo, "score_completions", digit_share)
     rloo.main(rloo.Args(model="tiny", puzzles="3to4:train", n_prompts=64, eval_prompts=0, k=8, prompts_per_step=4, micro_prompts=4, steps=40,

@@ -49,9 +49,10 @@ def engine(tiny):
 def test_starting_the_engine_leaves_the_rngs_and_torch_threads(engine):
     sample, eng, kept = engine
     assert isinstance(eng, vllm_sampler.VLLMSampler) and kept
-    torch.set_num_threads(1)   # vLLM's CPU worker made set_num_threads a no-op; the trainer's is the real one again
-    assert torch.get_num_threads() == 1
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)   # vLLM's CPU worker made set_num_threads a no-op; the real one is back
+    assert torch.get_num_threads() == threads + 1
+    torch.set_num_threads(threads)
 
 
 def test_greedy_matches_ours_and_the_weight_push_changes_then_restores_it(engine, tiny):
