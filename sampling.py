@@ -145,16 +145,17 @@ def make_sampler(tokenizer, path, model=None, use_vllm=True, gpu_memory_utilizat
     elif use_vllm:
         import vllm_sampler
         vllm_sampler.import_vllm()                                    # a broken install: one line, before any work
-        folder = None
-        if path in testbed.NAMES:
-            model = model if model is not None else load_model(path, tokenizer, seed=seed)
-            folder = vllm_sampler.saved_copy(model, tokenizer)
+        copy = None
+        if path in testbed.NAMES:   # built in-process: the engine starts from a saved copy, which it reads at its start
+            copy = vllm_sampler.saved_copy(model if model is not None else load_model(path, tokenizer, seed=seed),
+                                           tokenizer)
         state, threads = rng_state(), torch.get_num_threads()   # starting the engine reseeds every global RNG
         rank, world = rank_and_world()   # under torchrun: an engine per process, each with its own seed
-        engine = vllm_sampler.VLLMSampler(folder.name if folder else locate(path), stop_token_ids(tokenizer),
+        engine = vllm_sampler.VLLMSampler(copy.name if copy else locate(path), stop_token_ids(tokenizer),
                                           len(tokenizer), gpu_memory_utilization, seed + rank, dtype,
                                           under_torchrun=world > 1, device=device)
-        engine.folder = folder                                        # kept until the engine goes
+        if copy:
+            copy.cleanup()                                            # read once: the engine holds weights and tokenizer
         set_rng_state(state)                                          # and may change torch's threads: both put back
         torch.set_num_threads(threads)
         return engine.generate, engine

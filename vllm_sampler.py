@@ -96,8 +96,8 @@ class VLLMSampler:
 
 
 def saved_copy(model, tokenizer):
-    """A temporary folder holding `model` and `tokenizer`, for an engine to start from (the in-process test beds
-    have no folder). Deleted when the returned object is."""
+    """A temporary folder (tempfile.TemporaryDirectory) holding `model` and `tokenizer`, for an engine to start from
+    (the in-process test beds have no folder)."""
     folder = tempfile.TemporaryDirectory(prefix="engine-")
     model.save_pretrained(folder.name)
     tokenizer.save_pretrained(folder.name)

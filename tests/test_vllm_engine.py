@@ -153,10 +153,9 @@ def test_dpo_samples_its_countdown_pairs_with_the_engine(tiny, tmp_path, monkeyp
     assert pairs and all(len(p["chosen"]) % 7 > len(p["rejected"]) % 7 for p in pairs)
 
 
-@pytest.mark.parametrize("model", ["tiny", "smollm2"])
-def test_evaluate_on_the_engine_scores_as_transformers_does(model, tiny, tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])   # tiny: built in-process, served from a saved copy
+def test_evaluate_on_the_engine_scores_as_transformers_does(model, tmp_path):
     import evaluate
-    source = tiny[0] if model == "tiny" else model
-    runs = [evaluate.main(evaluate.Args(model=source, puzzles="3to4:test", n=4, max_new_tokens=24, vllm=vllm,
+    runs = [evaluate.main(evaluate.Args(model=model, puzzles="3to4:test", n=4, max_new_tokens=24, vllm=vllm,
                                         out_dir=str(tmp_path / str(vllm))))["rows"][0] for vllm in (True, False)]
     assert runs[0] == runs[1]                                     # greedy: the same completions, the same scores
