@@ -104,10 +104,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert not (tmp_path / "o" / "step-3").exists()
 
 
-def test_cli_missing_column_is_one_line_naming_file_and_column(tmp_path):
+def test_cli_missing_column_is_one_line_naming_file_and_column(tmp_path, script):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "completion": "c"}, {"query": "q only"}])
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--data", data],
-                         capture_output=True, text=True, timeout=120)
+    out = script("sft.py", "--model", "tiny", "--data", data)
     assert out.returncode == 2
     assert out.stderr.strip() == f"sft.py: error: {data}, row 2: missing column 'completion' (need query + completion, or messages)"
 
@@ -138,9 +137,8 @@ def test_eval_every_0_turns_the_held_out_loss_off(tmp_path):
         assert any("eval_loss" in r for r in records) is expected
 
 
-def test_cli_rejects_a_zero_log_interval_in_one_line():
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--log-every", "0"],
-                         capture_output=True, text=True, timeout=120)
+def test_cli_rejects_a_zero_log_interval_in_one_line(script):
+    out = script("sft.py", "--model", "tiny", "--log-every", "0")
     assert out.returncode == 2
     assert out.stderr.strip() == "sft.py: error: --log-every 0: must be ≥ 1"
 
@@ -149,23 +147,23 @@ def test_cli_rejects_a_zero_log_interval_in_one_line():
     (["--trace", "search", "--puzzles", "3to4:train"], "--puzzles 3to4:train --trace search: the search trace is for 3"),
     (["--trace", "guess", "--puzzles", "easy:train"], "--trace 'guess': use one of attempts, search"),
     (["--puzzles", "hard:train"], "--puzzles hard:train --trace attempts: puzzle shape 'hard:train': use one of")])
-def test_cli_bad_synthetic_flags_are_one_line(flags, says):
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--data", "synthetic", *flags],
-                         capture_output=True, text=True, timeout=120)
+def test_cli_bad_synthetic_flags_are_one_line(flags, says, script):
+    out = script("sft.py", "--model", "tiny", "--data", "synthetic", *flags)
     assert out.returncode == 2
     assert out.stderr.startswith(f"sft.py: error: {says}"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, script):
     flags = ["--model", "tiny", "--data", "synthetic", "--synthetic-rows", "64", "--steps", "4", "--batch-size", "4",
              "--grad-accum", "2", "--lr", "1e-3", "--save-every", "2", "--eval-every", "0"]
-    cli = lambda *more: subprocess.run([sys.executable, str(ROOT / "sft.py"), *flags, *more], capture_output=True,
-                                       text=True, timeout=300, cwd=tmp_path)
-    assert cli("--out-dir", "a").returncode == 0 and cli("--out-dir", "b").returncode == 0
+    assert script("sft.py", *flags, "--out-dir", "a", cwd=tmp_path).returncode == 0   # straight through, 4 steps
     import shutil
-    shutil.rmtree(tmp_path / "b" / "step-4")
-    assert cli("--out-dir", "b", "--resume").returncode == 0   # the step-2 checkpoint, loaded in a fresh process
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "step-4")                                          # as if killed after step 2
+    resumed = subprocess.run([sys.executable, str(ROOT / "sft.py"), *flags, "--out-dir", "b", "--resume"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]   # the step-2 checkpoint, loaded in a fresh process
     from safetensors.torch import load_file
     a, b = (load_file(tmp_path / run / "step-4" / "model.safetensors") for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
