@@ -3,9 +3,11 @@
 The tokenizer facts are checked two ways: against numbers read off Qwen2.5's published files (ids of the
 added tokens; printable ASCII byte b is rank b − 33 in vocab.json) and against tiktoken, a second BPE
 implementation, running Qwen's ranks and split pattern with the 22 added tokens. The smoke runs take
-one or two optimizer steps of each trainer at the real shape (494 M parameters, 151 936 embedding rows,
-151 665 tokens), on the CPU, with short sequences: a minute or so each.
+one optimizer step of each trainer at the real shape (494 M parameters, 151 936 embedding rows, 151 665 tokens),
+on the CPU, with short sequences and small batches: 10–20 s each, most of it in touching 10 GB of fresh memory
+(weights, gradients, AdamW state). The module builds qwen-random once; the trainers get copies.
 """
+import copy
 import json
 import shutil
 import unicodedata
@@ -141,19 +143,42 @@ def checkpoints_go_after_each_test(request):
 
 @pytest.fixture
 def no_checkpoint(monkeypatch):
-    """A 6 GB checkpoint is written by the SFT and reward-model tests; the others' claims are their steps."""
+    """At this shape a checkpoint is 6 GB: the reward model's alone is written (its weights and tokenizer, which
+    the UltraFeedback tests load); the others' claims are their steps."""
     import dpo
     import rloo
-    for trainer in (dpo, rloo):
+    import sft
+    for trainer in (sft, dpo, rloo):
         monkeypatch.setattr(trainer, "save_checkpoint", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def seed_0_model(qwen):
+    """qwen-random at seed 0, built once for the module (the build's 494 M normal draws cost seconds)."""
+    return testbed.model("qwen-random", qwen, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def built_once(request, monkeypatch):
+    """Every trainer's qwen-random (seed 0, causal) is a copy of the module's one build, not a new build: the same
+    weights, as the seeded-build test proves two builds at one seed are. Other seeds and the reward model build."""
+    if "runs" not in request.fixturenames:
+        return
+    template, real = request.getfixturevalue("seed_0_model"), testbed.model
+
+    def model(name, tok, seed=0, reward=False):
+        if name == "qwen-random" and seed == 0 and not reward:
+            return copy.deepcopy(template)
+        return real(name, tok, seed=seed, reward=reward)
+    monkeypatch.setattr(testbed, "model", model)
 
 
 def metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_qwen_random_is_seeded_and_initialised_as_transformers_does(qwen):
-    a, b = (common.load_model("qwen-random", qwen, dtype=torch.float32, device="cpu", seed=s) for s in (0, 0))
+def test_qwen_random_is_seeded_and_initialised_as_transformers_does(qwen, seed_0_model):
+    a, b = seed_0_model, common.load_model("qwen-random", qwen, dtype=torch.float32, device="cpu", seed=0)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     del b
     c = common.load_model("qwen-random", qwen, dtype=torch.float32, device="cpu", seed=1)
@@ -165,11 +190,11 @@ def test_qwen_random_is_seeded_and_initialised_as_transformers_does(qwen):
     torch.testing.assert_close(a.model.rotary_emb.inv_freq, rope)
 
 
-def test_sft_step_at_the_real_shape(runs, qwen):
+def test_sft_step_at_the_real_shape(runs, qwen, no_checkpoint):
     import sft
     out = runs / "sft"
     model, _ = sft.main(sft.Args(model="qwen-random", data=str(FIXTURES / "smoltalk.jsonl"), eval_rows=2, batch_size=2,
-                                 grad_accum=2, steps=1, eval_every=0, out_dir=str(out)))
+                                 grad_accum=1, steps=1, eval_every=0, out_dir=str(out)))
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
     assert model.get_input_embeddings().weight.shape == (151936, 896) and len(qwen) == 151665
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight   # tied
@@ -178,13 +203,14 @@ def test_sft_step_at_the_real_shape(runs, qwen):
     assert c.rope_parameters["rope_theta"] == 1e6 and c.rms_norm_eps == 1e-6 and c.max_position_embeddings == 32768
     step = metrics(out)[0]
     assert abs(step["loss"] - torch.log(torch.tensor(151936.0)).item()) < 1.0   # random weights: ≈ ln V per token
-    assert common.load_tokenizer(str(out))("<|im_end|> é")["input_ids"] == qwen("<|im_end|> é")["input_ids"]
 
 
 def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs, no_checkpoint):
     import dpo
-    dpo.main(dpo.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"), batch_size=2, grad_accum=1,
-                      steps=1, eval_every=0, out_dir=str(runs / "dpo")))
+    two_pairs = runs / "two_pairs.jsonl"   # π_ref is computed over every training pair: one batch of them
+    two_pairs.write_text("".join((FIXTURES / "ultrafeedback.jsonl").read_text().splitlines(keepends=True)[:2]))
+    dpo.main(dpo.Args(model="qwen-random", data=str(two_pairs), batch_size=2, grad_accum=1, steps=1, eval_rows=0,
+                      eval_every=0, out_dir=str(runs / "dpo")))
     step = metrics(runs / "dpo")[0]
     assert step["loss"] == pytest.approx(0.6931, abs=1e-3) and step["logp_chosen"] < 0   # π_θ = π_ref at step 0
 
@@ -201,31 +227,36 @@ def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch, no
     monkeypatch.setattr(sampling, "generate", spy)   # the pairs' sampler (make_sampler's, vLLM off on a CPU)
     # a random model scores 0 everywhere; score by length so every puzzle yields a pair
     monkeypatch.setattr(dpo, "score_response", lambda text, puzzle: float(len(text)))
-    dpo.main(dpo.Args(model="qwen-random", data="countdown", puzzles="3to4:train", pair_prompts=2, pair_samples=2,
-                      pair_max_tokens=6, batch_size=2, grad_accum=1, steps=1, eval_every=0, vllm=False,
+    dpo.main(dpo.Args(model="qwen-random", data="countdown", puzzles="3to4:train", pair_prompts=1, pair_samples=2,
+                      pair_max_tokens=6, batch_size=1, grad_accum=1, steps=1, eval_every=0, vllm=False,
                       out_dir=str(runs / "dpo-cd")))
-    assert len(sampled) == 4 and all(t < 151665 for c in sampled for t in c)   # the 271 spare rows are never sampled
+    assert len(sampled) == 2 and all(t < 151665 for c in sampled for t in c)   # the 271 spare rows are never sampled
     pairs = common.read_jsonl(runs / "dpo-cd" / "countdown_pairs.jsonl")
-    assert len(pairs) >= 1 and pairs[0]["prompt"].startswith("A conversation between User and Assistant.")
+    assert len(pairs) == 1 and pairs[0]["prompt"].startswith("A conversation between User and Assistant.")
 
 
 @pytest.fixture(scope="module")
 def reward_model_dir(runs):
     import reward_model
     out = runs / "rm"
-    reward_model.main(reward_model.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"),
-                                        eval_data=str(FIXTURES / "ultrafeedback.jsonl"), eval_rows=2,
-                                        batch_size=2, grad_accum=1, steps=1, eval_every=1, out_dir=str(out)))
-    for state in out.glob("step-*/trainer_state.pt"):   # resuming is not tested here: 4 GB of disk back
-        state.unlink()
+    real = reward_model.save_checkpoint
+
+    def without_optimizer(out_dir, step, model, tokenizer, args, trainer_state, **kwargs):
+        return real(out_dir, step, model, tokenizer, args, {}, **kwargs)   # resuming is not tested here: 4 GB less
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(reward_model, "save_checkpoint", without_optimizer)
+        reward_model.main(reward_model.Args(model="qwen-random", data=str(FIXTURES / "ultrafeedback.jsonl"),
+                                            eval_data=str(FIXTURES / "ultrafeedback.jsonl"), eval_rows=2,
+                                            batch_size=2, grad_accum=1, steps=1, eval_every=1, out_dir=str(out)))
     return out
 
 
-def test_reward_model_step_at_the_real_shape(reward_model_dir):
+def test_reward_model_step_at_the_real_shape(reward_model_dir, qwen):
     import reward_model
     train, held = metrics(reward_model_dir)[1], metrics(reward_model_dir)[-1]
     assert abs(train["loss"] - 0.6931) < 0.5 and "eval_acc" in held
     rm, tok = reward_model.load(reward_model_dir)
+    assert tok("<|im_end|> é")["input_ids"] == qwen("<|im_end|> é")["input_ids"]   # the checkpoint keeps the tokenizer
     scores = reward_model.score(rm, tok, ["Name a colour.", "Name a colour."], ["Blue.", "Blue."])
     assert scores.shape == (2,) and scores[0].item() == pytest.approx(scores[1].item(), abs=1e-4)   # one input, one score
 
