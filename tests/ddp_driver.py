@@ -3,7 +3,7 @@ into OUT/<trainer> (one launch for them all: a launch costs more than the three 
 
     python tests/ddp_driver.py sft,dpo,rm,rloo,rloo-skip OUT                    # one process
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_driver.py sft,dpo OUT
-    ... tests/ddp_driver.py sft OUT per-rank-tokens                             # the bug the test must catch
+    ... tests/ddp_driver.py sft,sft-per-rank-tokens OUT                        # and the bug the test must catch
 
 RLOO's samples come from a sampler that is a fixed function of the prompt and its sample index, and its reward
 from the digits in a sample, so that one and two processes see the very same samples: what is compared is the
@@ -46,22 +46,27 @@ def digit_share(task, prompts, texts, reward_model=None, stopped=None):
     return torch.tensor([sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts])
 
 
-def main(trainers, out_dir, mutation=""):
+def main(trainers, out_dir):
+    """(Also called in-process by the tests for the one-process run: they put back what it changes.)"""
     torch.set_num_threads(1)
     distributed.start_processes()   # the group (rank 1 printing nothing) is the driver's, for all the trainers: a
-    distributed._joined = False     # trainer leaves it to the driver (a group destroyed cannot be joined again)
-    for trainer in trainers.split(","):
-        run(trainer, str(Path(out_dir) / trainer), mutation)
-    if torch.distributed.is_initialized():
+    ours, distributed._joined = distributed._joined, False   # trainer leaves it to the driver (a group destroyed
+    for trainer in trainers.split(","):                      # cannot be joined again); none is made in one process
+        run(trainer, str(Path(out_dir) / trainer))
+    if ours:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-def run(trainer, out_dir, mutation):
-    if mutation == "per-rank-tokens":   # each process normalises by its own micro-batches' tokens
-        real_share = sft.my_share
+def run(trainer, out_dir):
+    if trainer == "sft-per-rank-tokens":   # the bug: each process normalises by its own micro-batches' tokens
+        real_tokens, real_share = sft.step_tokens, sft.my_share
         sft.step_tokens = lambda batches: sum(b["completion_mask"][:, 1:].sum().item()
                                               for b in real_share(batches, len(batches), "")) * common.rank_and_world()[1]
+        try:
+            return run("sft", out_dir)
+        finally:
+            sft.step_tokens = real_tokens
     common_args = dict(model="tiny", steps=3, lr=1e-3, eval_every=0, log_every=1, save_every=10 ** 6, seed=5,
                        out_dir=out_dir)
     if trainer == "sft":

@@ -28,15 +28,18 @@ TOLERANCE = 1e-5
 TRAINERS = ("sft", "dpo", "rm", "rloo", "rloo-skip")
 
 
-def train(trainers, out_dir, processes, mutation=""):
-    """Run the trainers in one launch (ddp_driver.py); {trainer: its final weights}, and the launch's stdout."""
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+def weights(trainers, out_dir):
+    return {t: load_file(common.checkpoints(Path(out_dir) / t)[-1] / "model.safetensors") for t in trainers}
+
+
+def two_process_launch(trainers, out_dir):
+    """The trainers in one torchrun launch of ddp_driver.py: {trainer: its final weights}, and the launch's stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([*launcher, str(DRIVER), ",".join(trainers), str(out_dir), mutation], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(DRIVER), ",".join(trainers), str(out_dir)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {t: load_file(common.checkpoints(Path(out_dir) / t)[-1] / "model.safetensors") for t in trainers}, done.stdout
+    return weights(trainers, out_dir), done.stdout
 
 
 def max_difference(a, b):
@@ -53,12 +56,25 @@ def initial_weights(trainer):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return train(TRAINERS, tmp_path_factory.mktemp("one"), 1)[0]
+    """The same driver as one process: this one (what it patches and the thread count are put back after)."""
+    import ddp_driver
+    import rloo
+    import sft
+    out, threads = tmp_path_factory.mktemp("one"), torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m:
+        for module, name in ((rloo, "make_sampler"), (rloo, "score_completions"), (sft, "step_tokens"),
+                             (distributed, "_joined")):
+            m.setattr(module, name, getattr(module, name))   # to be restored
+        try:
+            ddp_driver.main(",".join(TRAINERS), str(out))
+        finally:
+            torch.set_num_threads(threads)
+    return weights(TRAINERS, out)
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    return train(TRAINERS, tmp_path_factory.mktemp("two"), 2)
+def two_processes(tmp_path_factory):   # and the bug the per-process token count test must catch, in the same launch
+    return two_process_launch(TRAINERS + ("sft-per-rank-tokens",), tmp_path_factory.mktemp("two"))
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -67,14 +83,13 @@ def test_two_processes_train_as_one(trainer, one_process, two_processes):
     assert max_difference(one, two[trainer]) <= TOLERANCE < max_difference(one, initial_weights(trainer)) / 10
     if trainer == "sft":
         assert "over 2 processes" in log   # rank 0 says how the step divides; the other rank printed nothing
-        assert log.count("saved ") == len(TRAINERS)
+        assert log.count("saved ") == len(TRAINERS) + 1
     if trainer == "rloo-skip":   # the case the zero pass is for: a step where one process had no prompt to train on
         assert any("live 0.5" in line for line in log.splitlines())
 
 
-def test_a_per_process_token_count_is_caught(one_process, tmp_path):
-    wrong, _ = train(["sft"], tmp_path, 2, mutation="per-rank-tokens")
-    assert max_difference(one_process["sft"], wrong["sft"]) > 100 * TOLERANCE
+def test_a_per_process_token_count_is_caught(one_process, two_processes):
+    assert max_difference(one_process["sft"], two_processes[0]["sft-per-rank-tokens"]) > 100 * TOLERANCE
 
 
 def test_a_step_that_does_not_divide_among_the_processes_is_one_line(monkeypatch):
