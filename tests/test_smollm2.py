@@ -102,10 +102,10 @@ def test_a_gguf_transformers_cannot_read_is_one_line(tmp_path, monkeypatch):
 def test_sft_step_learns_and_the_checkpoint_keeps_the_tokenizer(smol, tokenizer, tmp_path):
     import sft
     model, _ = sft.main(sft.Args(model="smollm2", data="synthetic", trace="sums", synthetic_rows=4, eval_rows=2,
-                                 batch_size=2, grad_accum=2, steps=2, lr=1e-4, eval_every=0, log_every=1,
+                                 batch_size=2, grad_accum=1, steps=2, lr=1e-4, eval_every=0, log_every=1,
                                  out_dir=str(tmp_path)))
     first, second = metrics(tmp_path)
-    assert second["loss"] < first["loss"]   # the same four rows, seen again after one step
+    assert second["loss"] < first["loss"]   # the same two training rows, seen again after one step
     saved = common.load_tokenizer(str(tmp_path))
     assert saved.eos_token == "<|im_end|>" and saved.chat_template == tokenizer.chat_template
     assert common.stop_token_ids(saved) == [0, 2]
@@ -113,9 +113,11 @@ def test_sft_step_learns_and_the_checkpoint_keeps_the_tokenizer(smol, tokenizer,
 
 def test_dpo_step_starts_at_log_2(smol, tmp_path):
     import dpo
-    dpo.main(dpo.Args(model="smollm2", data=str(FIXTURES / "ultrafeedback.jsonl"), batch_size=2, grad_accum=1, steps=1,
-                      eval_every=0, out_dir=str(tmp_path)))
-    step = metrics(tmp_path)[0]
+    two_pairs = tmp_path / "two_pairs.jsonl"   # π_ref is computed over every training pair: one batch of them
+    two_pairs.write_text("".join((FIXTURES / "ultrafeedback.jsonl").read_text().splitlines(keepends=True)[:2]))
+    dpo.main(dpo.Args(model="smollm2", data=str(two_pairs), batch_size=2, grad_accum=1, steps=1, eval_rows=0,
+                      eval_every=0, out_dir=str(tmp_path / "out")))
+    step = metrics(tmp_path / "out")[0]
     assert step["loss"] == pytest.approx(0.6931, abs=1e-3) and step["logp_chosen"] < 0   # π_θ = π_ref at step 0
 
 
