@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,30 +102,33 @@ def run_trainer(name, cfg, workdir, vllm=False):
             f.write(json.dumps(r if name != "sft" else sft_row) + "\n")
     clock, common_args = Clock(), dict(model=cfg["model"], steps=steps, log_every=1, eval_every=0, save_every=10 ** 9,
                                        out_dir=out)
-    module.save_checkpoint = lambda *a, **k: None   # the step, not the disk
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    if name == "reward_model":
-        module.rewards = clock.wrap("forward", module.rewards, count_tokens=True)
-        module.main(module.Args(data=data, eval_rows=2, **settings, **common_args))
-    elif name == "rloo":
-        real_sampler = module.make_sampler
+    with contextlib.ExitStack() as patches:   # the trainer's functions are put back after (the bench may run in-process)
+        def patch(attribute, value):
+            patches.enter_context(mock.patch.object(module, attribute, value))
+        patch("save_checkpoint", lambda *a, **k: None)   # the step, not the disk
+        if name == "reward_model":
+            patch("rewards", clock.wrap("forward", module.rewards, count_tokens=True))
+            module.main(module.Args(data=data, eval_rows=2, **settings, **common_args))
+        elif name == "rloo":
+            real_sampler = module.make_sampler
 
-        def timed_sampler(*args, **kwargs):
-            tick = time.perf_counter()
-            sample, engine = real_sampler(*args, **kwargs)
-            clock.seconds["start"] = time.perf_counter() - tick
-            return clock.wrap("sampling", sample), engine
-        module.make_sampler = timed_sampler
-        module.sequence_logprobs = clock.wrap("forward", common.sequence_logprobs, count_tokens=True)
-        module._logps = clock.wrap(lambda *a, **k: "policy" if torch.is_grad_enabled() else "π_ref", module._logps)
-        module.main(module.Args(puzzles="3to4:train", n_prompts=settings["prompts_per_step"] * steps, eval_prompts=0,
-                                sample_every=0, vllm=vllm, **settings, **common_args))
-    else:
-        module.sequence_logprobs = clock.wrap("forward", common.sequence_logprobs, count_tokens=True)
-        extra = dict(eval_rows=2) if name == "sft" else {}
-        module.main(module.Args(data=data, **extra, **settings, **common_args))
+            def timed_sampler(*args, **kwargs):
+                tick = time.perf_counter()
+                sample, engine = real_sampler(*args, **kwargs)
+                clock.seconds["start"] = time.perf_counter() - tick
+                return clock.wrap("sampling", sample), engine
+            patch("make_sampler", timed_sampler)
+            patch("sequence_logprobs", clock.wrap("forward", common.sequence_logprobs, count_tokens=True))
+            patch("_logps", clock.wrap(lambda *a, **k: "policy" if torch.is_grad_enabled() else "π_ref", module._logps))
+            module.main(module.Args(puzzles="3to4:train", n_prompts=settings["prompts_per_step"] * steps,
+                                    eval_prompts=0, sample_every=0, vllm=vllm, **settings, **common_args))
+        else:
+            patch("sequence_logprobs", clock.wrap("forward", common.sequence_logprobs, count_tokens=True))
+            extra = dict(eval_rows=2) if name == "sft" else {}
+            module.main(module.Args(data=data, **extra, **settings, **common_args))
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"time"' in line]
     seconds = statistics.mean(m["time"] for m in logged[1:])   # the first step warms up
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
