@@ -205,17 +205,7 @@ def test_sft_step_at_the_real_shape(runs, qwen, no_checkpoint):
     assert abs(step["loss"] - torch.log(torch.tensor(151936.0)).item()) < 1.0   # random weights: ≈ ln V per token
 
 
-def test_dpo_step_on_ultrafeedback_schema_starts_at_log_2(runs, no_checkpoint):
-    import dpo
-    two_pairs = runs / "two_pairs.jsonl"   # π_ref is computed over every training pair: one batch of them
-    two_pairs.write_text("".join((FIXTURES / "ultrafeedback.jsonl").read_text().splitlines(keepends=True)[:2]))
-    dpo.main(dpo.Args(model="qwen-random", data=str(two_pairs), batch_size=2, grad_accum=1, steps=1, eval_rows=0,
-                      eval_every=0, out_dir=str(runs / "dpo")))
-    step = metrics(runs / "dpo")[0]
-    assert step["loss"] == pytest.approx(0.6931, abs=1e-3) and step["logp_chosen"] < 0   # π_θ = π_ref at step 0
-
-
-def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch, no_checkpoint):
+def test_dpo_samples_countdown_pairs_and_starts_at_log_2_at_the_real_shape(runs, monkeypatch, no_checkpoint):
     import dpo
     sampled = []
     real_generate = sampling.generate
@@ -233,6 +223,8 @@ def test_dpo_countdown_pairs_are_sampled_at_the_real_shape(runs, monkeypatch, no
     assert len(sampled) == 2 and all(t < 151665 for c in sampled for t in c)   # the 271 spare rows are never sampled
     pairs = common.read_jsonl(runs / "dpo-cd" / "countdown_pairs.jsonl")
     assert len(pairs) == 1 and pairs[0]["prompt"].startswith("A conversation between User and Assistant.")
+    step = metrics(runs / "dpo-cd")[0]
+    assert step["loss"] == pytest.approx(0.6931, abs=1e-3) and step["logp_chosen"] < 0   # π_θ = π_ref at step 0
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 import common
 import sampling
 import vllm_sampler
+from countdown_reward import warmstart_query
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("RL_REQUIRE_VLLM") == "1":
@@ -102,6 +103,8 @@ def test_stop_tokens_are_kept_and_spare_rows_never_sampled(engine, tiny):
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """smollm2 and an engine serving it, for the tests up to the scripts' (each script's engine, shut down at its end,
+    takes vLLM's process-wide parallel groups with it: an engine started before is unusable after)."""
     tokenizer = common.load_tokenizer("smollm2")
     model = common.load_model("smollm2", tokenizer, dtype=torch.float32, device="cpu")
     sample, _ = sampling.make_sampler(tokenizer, "smollm2", use_vllm=True)
@@ -123,6 +126,13 @@ def test_the_engines_log_probs_are_the_trainers_at_the_sampling_temperature(smol
         with torch.no_grad():
             ours = common.sequence_logprobs(model, ids, torch.ones_like(ids), completion_mask, temperature=temperature)
         assert abs(float(ours) - sum(logps)) < 1e-4 * len(completion)   # fp32 both sides (measured: ~6e-6 a token)
+
+
+def test_greedy_on_a_real_model_is_ours_token_for_token(smollm2):
+    sample, model, tokenizer = smollm2
+    prompts = [common.encode(tokenizer, warmstart_query([3, 5, 7], 22 + i))["input_ids"] for i in range(4)]
+    engine, _ = sample(prompts, max_new_tokens=24, temperature=0)
+    assert engine == sampling.generate(model, tokenizer, prompts, max_new_tokens=24, temperature=0)[0]
 
 
 def test_rloo_samples_with_the_engine_and_pushes_every_step(tiny, tmp_path, monkeypatch):
@@ -153,9 +163,8 @@ def test_dpo_samples_its_countdown_pairs_with_the_engine(tiny, tmp_path, monkeyp
     assert pairs and all(len(p["chosen"]) % 7 > len(p["rejected"]) % 7 for p in pairs)
 
 
-@pytest.mark.parametrize("model", ["tiny", "smollm2"])   # tiny: built in-process, served from a saved copy
-def test_evaluate_on_the_engine_scores_as_transformers_does(model, tmp_path):
+def test_evaluate_on_the_engine_scores_as_transformers_does(tmp_path):   # tiny: built in-process, served from a copy
     import evaluate
-    runs = [evaluate.main(evaluate.Args(model=model, puzzles="3to4:test", n=4, max_new_tokens=24, vllm=vllm,
+    runs = [evaluate.main(evaluate.Args(model="tiny", puzzles="3to4:test", n=4, max_new_tokens=24, vllm=vllm,
                                         out_dir=str(tmp_path / str(vllm))))["rows"][0] for vllm in (True, False)]
     assert runs[0] == runs[1]                                     # greedy: the same completions, the same scores
