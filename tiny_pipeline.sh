@@ -15,9 +15,9 @@
 # Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
 if [ -n "${QUICK:-}" ]; then
-  SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 DEFAULT_OUT=out/quick
+  ROWS=1280 SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 DEFAULT_OUT=out/quick
 else
-  SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 DEFAULT_OUT=out/tiny
+  ROWS=20000 SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 DEFAULT_OUT=out/tiny
 fi
 OUT=${1:-$DEFAULT_OUT}
 SEED=${2:-0}
@@ -27,7 +27,7 @@ if [ -e "$OUT" ]; then  # a run's directory is never reused: its checkpoints wou
 fi
 TOKENS=128  # completion budget everywhere (a search trace is 40–116 tokens)
 
-python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search-mixed --synthetic-rows 20000 \
+python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search-mixed --synthetic-rows $ROWS \
   --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
   --save-every 1000 --seed $SEED --out-dir $OUT/sft
 
