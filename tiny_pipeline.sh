@@ -4,7 +4,7 @@
 #
 #   bash tiny_pipeline.sh                    # out/tiny, seed 0
 #   bash tiny_pipeline.sh out/tiny-s1 1      # another seed
-#   QUICK=1 bash tiny_pipeline.sh            # out/quick: the same chain, shortened to a minute (the tests run it)
+#   QUICK=1 bash tiny_pipeline.sh            # out/quick: the same chain, shortened to two minutes (the tests run its commands)
 #
 # Every step is one plain command reading the previous step's directory: copy any line.
 # Puzzles: 3 numbers in 1–9, targets 1–50 ("easy"). SFT learns a complete search on the :sft split, one
@@ -15,9 +15,9 @@
 # Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
 if [ -n "${QUICK:-}" ]; then
-  ROWS=1280 SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 DEFAULT_OUT=out/quick
-else
-  ROWS=20000 SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 DEFAULT_OUT=out/tiny
+  ROWS=1280 SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 TOKENS=64 DEFAULT_OUT=out/quick
+else   # TOKENS: the completion budget everywhere (a search trace is 40–116 tokens)
+  ROWS=20000 SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 TOKENS=128 DEFAULT_OUT=out/tiny
 fi
 OUT=${1:-$DEFAULT_OUT}
 SEED=${2:-0}
@@ -25,7 +25,6 @@ if [ -e "$OUT" ]; then  # a run's directory is never reused: its checkpoints wou
   echo "tiny_pipeline.sh: $OUT exists: remove it, or give another directory (bash tiny_pipeline.sh out/tiny-2)" >&2
   exit 2
 fi
-TOKENS=128  # completion budget everywhere (a search trace is 40–116 tokens)
 
 python sft.py --model tiny --data synthetic --puzzles easy:sft --trace search-mixed --synthetic-rows $ROWS \
   --steps $SFT_STEPS --batch-size 32 --grad-accum 1 --lr 1e-3 --warmup 0.02 --log-every 250 --eval-every 1000 \
