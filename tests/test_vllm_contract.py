@@ -46,6 +46,7 @@ class LLM:
         external = distributed_executor_backend == "external_launcher"
         self.device, self.seed = f"cuda:{os.environ['LOCAL_RANK'] if external else 0}", seed
         self.model_config = types.SimpleNamespace(get_vocab_size=lambda: 151_936)
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=lambda: None))  # InprocClient's
         LLM.started.append(self)
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -68,6 +69,7 @@ def vllm(monkeypatch):
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(sampling, "device_and_dtype", lambda: ("cuda", torch.bfloat16))   # what make_sampler checks
+    monkeypatch.setattr(vllm_sampler.VLLMSampler, "_in_use", None)   # no stand-in engine outlives its test
     LLM.started = []
     return module
 
