@@ -14,9 +14,10 @@
 # uses the held-out :test split.
 # Every split is disjoint from :test by construction. The GPU recipe with Qwen2.5-0.5B is in README.md.
 set -euo pipefail
+# ROWS: synthetic SFT rows; TOKENS: the completion budget everywhere (a search trace is 40–116 tokens)
 if [ -n "${QUICK:-}" ]; then
   ROWS=1280 SFT_STEPS=40 RL_STEPS=2 PAIRS=64 DPO_STEPS=2 EVAL_N=16 SAMPLES=1 TOKENS=64 DEFAULT_OUT=out/quick
-else   # TOKENS: the completion budget everywhere (a search trace is 40–116 tokens)
+else
   ROWS=20000 SFT_STEPS=3000 RL_STEPS=600 PAIRS=1500 DPO_STEPS=150 EVAL_N=500 SAMPLES=2 TOKENS=128 DEFAULT_OUT=out/tiny
 fi
 OUT=${1:-$DEFAULT_OUT}
