@@ -96,7 +96,7 @@ def barrier():
 def end_processes():
     """Leave the process group together: a process that leaves while rank 0 still writes its checkpoint aborts
     at exit ("terminate called without an active exception", seen with gloo). Only a group start_processes joined:
-    an in-process vLLM engine makes its own (world size 1), which outlives a run (the next engine reuses it)."""
+    an in-process vLLM engine makes its own (world size 1), which lives as long as the engine."""
     global _joined
     if _joined and dist.is_initialized():
         dist.barrier()

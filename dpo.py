@@ -120,7 +120,7 @@ def build_countdown_pairs(model, tokenizer, args, path):
     completions, stopped = sample([p for p in prompts for _ in range(n)], max_new_tokens=args.pair_max_tokens,
                                   temperature=args.pair_temperature)
     if engine is not None:
-        engine.close()   # its memory back before training
+        engine.close()   # shut down now, not when collected: its memory back before training (on CUDA: not measured)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     samples = [list(zip(texts[i:i + n], stopped[i:i + n])) for i in range(0, len(texts), n)]
     pairs, ties = label_countdown_pairs(puzzles, samples)

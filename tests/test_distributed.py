@@ -1,7 +1,8 @@
 """Two processes under torchrun (gloo, CPU) train exactly as one process does with the same global batch.
 
-Each run is tests/ddp_driver.py: three steps of a trainer on the tiny model, as one process or under
-`python -m torch.distributed.run --nproc_per_node 2`. The two must end with the same weights up to float
+Each run is tests/ddp_driver.py: three steps of each trainer on the tiny model, called in the test's own process
+(one process) or launched once under `python -m torch.distributed.run --nproc_per_node 2` for all the trainers,
+with the per-process token-count bug as one more. The two must end with the same weights up to float
 summation order: a step's gradient is summed in another order (two half sums, then DDP's all-reduce and
 division by 2), which moves a float32 gradient by a few ulps, and Adam's update is at most ~lr whatever the
 gradient. After three steps at lr 1e-3 we measured ≤ 2e-7 (SFT), 0 (DPO, reward model), 3e-8 (RLOO). The

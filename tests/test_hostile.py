@@ -100,36 +100,36 @@ CASES = [   # script, arguments, what the one line says
 ]
 
 
-@pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{s}: {a}" for s, a, _ in CASES])
-def test_refused_in_one_line(script, argv, message, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("module_name, argv, message", CASES, ids=[f"{s}: {a}" for s, a, _ in CASES])
+def test_refused_in_one_line(module_name, argv, message, tmp_path, monkeypatch, capsys):
     for name, content in FILES.items():
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     args = [a.replace("''", "") for a in argv.split()]
     args = [str(tmp_path / a[1:-1]) if a.startswith("{") else a for a in args]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
-    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{module_name}.py", *args])
+    module = importlib.import_module(module_name)
     with pytest.raises(SystemExit) as e:
         common.run(module.main, module.Args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"{script}.py: error: ") and message in err, err
+    assert err.startswith(f"{module_name}.py: error: ") and message in err, err
 
 
-@pytest.mark.parametrize("script, argv", [("evaluate", "--model tiny --tools bogus"),
-                                          ("evaluate", "--model tiny --task ultrafeedback --best-of 2"),
-                                          ("evaluate", "--responses r.jsonl --tool"),
-                                          ("sft", "--model tiny --data synthetic --trace bogus"),
-                                          ("rloo", "--model tiny --max-calls 3")])
-def test_flags_are_checked_before_any_model_is_loaded(script, argv, tmp_path, monkeypatch):
-    module = importlib.import_module(script)
+@pytest.mark.parametrize("module_name, argv", [("evaluate", "--model tiny --tools bogus"),
+                                               ("evaluate", "--model tiny --task ultrafeedback --best-of 2"),
+                                               ("evaluate", "--responses r.jsonl --tool"),
+                                               ("sft", "--model tiny --data synthetic --trace bogus"),
+                                               ("rloo", "--model tiny --max-calls 3")])
+def test_flags_are_checked_before_any_model_is_loaded(module_name, argv, tmp_path, monkeypatch):
+    module = importlib.import_module(module_name)
 
     def too_late(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
     for name in ("load_model", "load_tokenizer", "make_sampler"):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, too_late)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv.split(), "--out-dir", str(tmp_path / "out")])
+    monkeypatch.setattr(sys, "argv", [f"{module_name}.py", *argv.split(), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as e:
         common.run(module.main, module.Args)
     assert e.value.code == 2 and not (tmp_path / "out").exists()

@@ -144,7 +144,7 @@ def checkpoints_go_after_each_test(request):
 @pytest.fixture
 def no_checkpoint(monkeypatch):
     """At this shape a checkpoint is 6 GB: the reward model's alone is written (its weights and tokenizer, which
-    the UltraFeedback tests load); the others' claims are their steps."""
+    evaluate's UltraFeedback test loads); the others' claims are their steps."""
     import dpo
     import rloo
     import sft

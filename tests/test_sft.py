@@ -91,9 +91,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert not (tmp_path / "o" / "step-3").exists()
 
 
-def test_cli_missing_column_is_one_line_naming_file_and_column(tmp_path, script):
+def test_cli_missing_column_is_one_line_naming_file_and_column(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "completion": "c"}, {"query": "q only"}])
-    out = script("sft.py", "--model", "tiny", "--data", data)
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", "tiny", "--data", data],   # a new
+                         capture_output=True, text=True, timeout=120)   # interpreter: its import-time output counts too
     assert out.returncode == 2
     assert out.stderr.strip() == f"sft.py: error: {data}, row 2: missing column 'completion' (need query + completion, or messages)"
 

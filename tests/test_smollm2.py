@@ -101,7 +101,7 @@ def test_a_gguf_transformers_cannot_read_is_one_line(tmp_path, monkeypatch):
 
 def test_sft_step_learns_and_the_checkpoint_keeps_the_tokenizer(smol, tokenizer, tmp_path):
     import sft
-    model, _ = sft.main(sft.Args(model="smollm2", data="synthetic", trace="sums", synthetic_rows=4, eval_rows=2,
+    model, _ = sft.main(sft.Args(model="smollm2", data="synthetic", trace="sums", synthetic_rows=2, eval_rows=2,
                                  batch_size=2, grad_accum=1, steps=2, lr=1e-4, eval_every=0, log_every=1,
                                  out_dir=str(tmp_path)))
     first, second = metrics(tmp_path)

@@ -69,7 +69,7 @@ def vllm(monkeypatch):
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(sampling, "device_and_dtype", lambda: ("cuda", torch.bfloat16))   # what make_sampler checks
-    monkeypatch.setattr(vllm_sampler.VLLMSampler, "_in_use", None)   # no stand-in engine outlives its test
+    monkeypatch.setattr(vllm_sampler.VLLMSampler, "_in_use", lambda: None)   # no stand-in engine outlives its test
     LLM.started = []
     return module
 

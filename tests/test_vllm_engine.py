@@ -2,7 +2,8 @@
 and rloo.py, dpo.py's pairs and evaluate.py sampling through it, on the tiny model and on smollm2.
 
 Without vLLM these tests are skipped, visibly; with RL_REQUIRE_VLLM=1 (CI) a missing engine fails the run.
-Install: README, vLLM. One engine serves the module's direct tests; each script starts its own (~2 s after the first).
+Install: README, vLLM. One engine per process at a time: the module's tiny engine serves the first tests, smollm2's
+the next, then each script starts its own (~2 s after the first), shutting the one before down.
 """
 import gc
 import importlib.util
@@ -183,3 +184,11 @@ def test_one_engine_at_a_time_and_a_dropped_one_cannot_break_the_next(tiny):
     assert second(prompts, max_new_tokens=4, temperature=0)[0] == ours
     b.close()
     b.close()      # idempotent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_engine_outlives_the_module():
+    yield
+    engine = vllm_sampler.VLLMSampler._in_use()
+    if engine is not None:
+        engine.close()
