@@ -32,14 +32,13 @@ def test_step_cost_bench_rows_and_decoders_on_equal_tokens(script):
     import dpo
     import reward_model
     import rloo
-    import sft
     patched = ("save_checkpoint", "sequence_logprobs", "rewards", "make_sampler", "_logps")
-    before = {(m, a): getattr(m, a) for m in (sft, dpo, reward_model, rloo) for a in patched if hasattr(m, a)}
-    out = script("bench/step_cost.py", "--small", "--only", "sft,dpo,reward_model,rloo,generate", "--row", cwd=ROOT)
+    before = {(m, a): getattr(m, a) for m in (dpo, reward_model, rloo) for a in patched if hasattr(m, a)}
+    out = script("bench/step_cost.py", "--small", "--only", "dpo,reward_model,rloo,generate", "--row", cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(getattr(m, a) is f for (m, a), f in before.items())   # the bench put back what it wrapped
     lines = out.stdout.splitlines()
-    for trainer in ("sft", "dpo", "reward_model", "rloo"):
+    for trainer in ("dpo", "reward_model", "rloo"):   # sft's row: the test above
         row(lines, trainer)
     assert "sampling" in row(lines, "rloo")[0]
     assert "same tokens: True" in next(line for line in lines if line.startswith("generate, greedy"))
